@@ -1,0 +1,7 @@
+"""qwt2-onnx: compile a float ONNX model into a deployable int8 QDQ model."""
+from .config import CalibConfig, CompileConfig, QuantConfig
+from .errors import QwtError, StageError
+from .pipeline import CompileResult, compile_model
+
+__all__ = ["CalibConfig", "CompileConfig", "CompileResult", "QuantConfig", "QwtError", "StageError", "compile_model"]
+__version__ = "0.1.0"

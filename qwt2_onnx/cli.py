@@ -1,0 +1,121 @@
+"""The ``qwt2-onnx`` command line: parse, build the config, call, render."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .calib_data import ImagePreprocess, InputSpec, random_calibration
+from .config import CalibConfig, CompileConfig, QuantConfig
+from .errors import QwtError
+from .model_io import load_model
+
+
+def _floats(text: str | None, n: int | None = None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+    if n and len(vals) != n:
+        raise click.BadParameter(f"expected {n} numbers, got {len(vals)}")
+    return vals
+
+
+def _default_output(model: Path, qcfg: QuantConfig, here: bool) -> Path:
+    tag = f"w{qcfg.wbits}a{qcfg.abits}" if (qcfg.wbits, qcfg.abits) != (8, 8) else "int8"
+    name = f"{model.stem}.{tag}.{qcfg.target}.onnx"
+    return Path(name) if here else model.with_name(name)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="-v: one line per stage; -vv: per node.")
+def main(verbose: int) -> None:
+    """qwt2-onnx: float ONNX -> deployable int8 QDQ ONNX."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command("compile")
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--calib", "calib", type=click.Path(path_type=Path), help=".npz, or a folder of .npy/.npz/images.")
+@click.option("--random-calib", type=int, default=None, metavar="N", help="Calibrate on N random samples (bad idea).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [MODEL.int8.<target>.onnx].")
+@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--act-type", type=click.Choice(["u8", "s8"]), default=None, help="[ort: u8, trt: s8]")
+@click.option("--wbits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True)
+@click.option("--abits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True)
+@click.option("--full-range-weights", is_flag=True,
+              help="ort: use the full [-127,127] weight range (only safe on CPUs with VNNI/AVX512-VNNI).")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--percentile", type=float, default=99.99, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-samples", type=int, default=None)
+@click.option("--exclude", multiple=True, help="Node name, glob, or re:REGEX to keep in float (repeatable).")
+@click.option("--exclude-op", multiple=True, help="Op type to keep in float (repeatable).")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--image-size", default=None, help="Image folders: H,W.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@click.option("--mean", default="0,0,0", show_default=True)
+@click.option("--std", default="1,1,1", show_default=True)
+@click.option("--scale", type=float, default=1 / 255, show_default=True)
+@click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
+def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abits, full_range_weights,
+                calib_method, percentile, batch_size, max_samples, exclude, exclude_op, no_simplify,
+                image_size, layout, mean, std, scale, channel_order) -> None:
+    """Compile MODEL (float ONNX) into a QDQ model.  Without MODEL: the embedded digits CNN."""
+    from . import default_model
+    from .pipeline import compile_model
+    from .render import render_summary
+
+    try:
+        demo = model is None
+        if demo:
+            click.echo(f"No MODEL given: compiling the embedded default ({default_model.model_path().name}, "
+                       "a digits CNN) on its bundled calibration set.", err=True)
+            model, calib = default_model.model_path(), calib or default_model.calib_path()
+        qcfg = QuantConfig(target=target, wbits=int(wbits), abits=int(abits), act_type=act_type,
+                           avx2_safe_weights=not full_range_weights,
+                           exclude_names=tuple(exclude), exclude_op_types=tuple(exclude_op))
+        config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples),
+                               simplify=not no_simplify)
+        if calib_method != "percentile" and percentile != 99.99:
+            click.echo("warning: --percentile has no effect unless --calib-method percentile", err=True)
+        pre = None
+        if image_size:
+            h, w = (int(v) for v in _floats(image_size, 2))
+            pre = ImagePreprocess((h, w), layout, _floats(mean), _floats(std), scale, channel_order)
+        if calib is None and random_calib is None:
+            raise QwtError("no calibration data", fix="pass --calib DATA (or, for a smoke test only, --random-calib N)")
+        if random_calib is not None:
+            if calib is not None:
+                raise QwtError("--calib and --random-calib are mutually exclusive", fix="pass only one of them")
+            click.secho(f"WARNING: calibrating on {random_calib} RANDOM samples: the ranges will not match real "
+                        "data and accuracy will suffer. Use --calib with real data for a model you deploy.",
+                        fg="red", bold=True, err=True)
+            calib = random_calibration(InputSpec.from_model(load_model(model)), random_calib)
+        output = output or _default_output(model, qcfg, here=demo)
+        with click.progressbar(length=0, label="calibrating", file=sys.stderr) as bar:
+            result = compile_model(model, calib, output, config, image_preprocess=pre, progress=bar.update)
+        click.echo(render_summary(result))
+        if demo:
+            click.echo(_demo_accuracy(result))
+    except QwtError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+
+
+def _demo_accuracy(result) -> str:
+    from .default_model import accuracy
+
+    f = accuracy(result.float_model, optimized=True)
+    s = accuracy(result.model, optimized=False)
+    d = accuracy(result.model, optimized=True)
+    return (f"digits test accuracy: float {f:.4f} | int8 simulated {s:.4f} | int8 deployed (onnxruntime) {d:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Typed, frozen configuration for ``compile_model``.
+
+The CLI only parses flags into these dataclasses; the library reads nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Target = Literal["ort", "trt"]
+ActType = Literal["u8", "s8"]
+Method = Literal["minmax", "percentile", "entropy"]
+
+QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """What the Q/DQ inserter produces.
+
+    ``avx2_safe_weights``: on x86 without VNNI, onnxruntime's u8*s8 kernels add
+    pairs of products in int16 and saturate (255*127*2 > 32767).  Restricting
+    8-bit weights to the 7-bit range [-63, 63] keeps every pair sum in range
+    (255*63*2 = 32130), so deployed results equal the float simulation.
+    On by default for ``--target ort`` with 8-bit weights and u8 activations.
+    """
+
+    target: Target = "ort"
+    wbits: int = 8
+    abits: int = 8
+    act_type: ActType | None = None  # None: u8 for ort, s8 for trt
+    avx2_safe_weights: bool = True
+    exclude_names: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from .errors import QwtError
+
+        if self.wbits not in (4, 6, 8):
+            raise QwtError(f"unsupported weight bit width {self.wbits}", fix="use --wbits 8, 6 or 4")
+        if self.abits not in (4, 6, 8):
+            raise QwtError(f"unsupported activation bit width {self.abits}", fix="use --abits 8, 6 or 4")
+        if self.target not in ("ort", "trt"):
+            raise QwtError(f"unknown target '{self.target}'", fix="use --target ort or --target trt")
+        if self.act_type is None:
+            object.__setattr__(self, "act_type", "s8" if self.target == "trt" else "u8")
+        if self.target == "trt" and self.act_type != "s8":
+            raise QwtError(
+                "--target trt needs symmetric int8 activations",
+                notes=[f"--act-type is {self.act_type}"],
+                fix="use --act-type s8 (or leave it unset) with --target trt",
+            )
+
+    @property
+    def weight_qmax(self) -> int:
+        """Largest integer weight magnitude (narrow symmetric range)."""
+        if self.wbits == 8 and self.target == "ort" and self.act_type == "u8" and self.avx2_safe_weights:
+            return 63
+        return 2 ** (self.wbits - 1) - 1
+
+    @property
+    def min_opset(self) -> int:
+        return 21 if (self.wbits == 4 or self.abits == 4) else 13
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibConfig:
+    method: Method = "minmax"
+    percentile: float = 99.99
+    batch_size: int = 16
+    max_samples: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
+    simplify: bool = True
+    holdout_samples: int = 16  # calibration samples kept aside for the fidelity summary

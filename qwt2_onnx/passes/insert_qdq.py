@@ -1,0 +1,104 @@
+"""InsertQDQPass: the one generic inserter that reads the QuantPlan.
+
+For every planned layer (activation ``x``, weight ``W``, bias ``b``)::
+
+    x ─► Q ─► DQ ─┐                         (one Q/DQ pair per tensor, shared)
+    W_int ─► DQ ──┼─► Conv/Gemm/MatMul ─► [Relu] ─► Q ─► DQ ─► consumers
+    b_int32 ─► DQ ┘                                 (output pair: Conv/ConvTranspose)
+
+* weights become integer constants with a per-channel DequantizeLinear on the
+  output-channel axis (``axis`` from the plan), zero point 0;
+* ``--target ort``: the bias becomes int32 with scale exactly ``s_x*s_w[c]``;
+  ``--target trt``: the bias stays float (TensorRT rejects an int32-bias DQ);
+* activation tensors get per-tensor Q/DQ.  Consumers that are planned layers
+  read the DQ output; when the tensor is a layer's *output point* every
+  consumer reads it (otherwise onnxruntime could not fuse the producer).
+
+Names: ``<tensor>_quantized`` / ``<tensor>_dequantized`` for activations,
+``<weight>_quantized`` for integer weights, ``<node>_...`` for Q/DQ nodes, so
+every inserted object traces back to the float graph by name.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..config import QuantConfig
+from ..observers import ActivationRange
+from ..policy import QuantPlan
+from ..quant import ActivationQParams, activation_qparams, quantize_bias, quantize_weight, weight_dtype
+from . import PassResult
+
+logger = logging.getLogger(__name__)
+
+
+class InsertQDQPass:
+    def __init__(self, plan: QuantPlan, ranges: dict[str, ActivationRange], cfg: QuantConfig):
+        self.plan = plan
+        self.ranges = ranges
+        self.cfg = cfg
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        tensors = graph.tensors()
+        nodes = {n.name: n for n in graph.nodes}
+        stats: Counter = Counter()
+        qparams: dict[str, ActivationQParams] = {}
+        layer_names = {lp.node for lp in self.plan.layers}
+        for name in self.plan.activation_tensors:
+            qparams[name] = activation_qparams(self.ranges[name], self.cfg)
+            everyone = name in self.plan.output_points
+            readers = [n for n in tensors[name].outputs if everyone or n.name in layer_names]
+            self._insert_activation(graph, tensors[name], qparams[name], readers)
+            stats["activation_qdq"] += 1
+        for lp in self.plan.layers:
+            node = nodes[lp.node]
+            s_x = qparams[lp.activation].scale
+            s_w = self._quantize_weight(graph, node, lp.axis)
+            if lp.bias is not None and self.cfg.target == "ort":
+                stats["bias_clipped"] += self._quantize_bias(graph, node, s_x, s_w)
+            stats["layers"] += 1
+        graph.cleanup().toposort()
+        logger.info("inserted Q/DQ for %d layers, %d activation tensors", stats["layers"], stats["activation_qdq"])
+        return PassResult(graph, stats["layers"] > 0, dict(stats))
+
+    def _insert_activation(self, graph: gs.Graph, t: gs.Variable, qp: ActivationQParams, readers: list[gs.Node]) -> None:
+        scale = gs.Constant(f"{t.name}_scale", np.array(qp.scale, np.float32))
+        zp = gs.Constant(f"{t.name}_zero_point", qp.zero_point)
+        q = gs.Variable(f"{t.name}_quantized", dtype=qp.zero_point.dtype, shape=t.shape)
+        dq = gs.Variable(f"{t.name}_dequantized", dtype=np.float32, shape=t.shape)
+        graph.nodes.append(gs.Node("QuantizeLinear", f"{t.name}_QuantizeLinear", inputs=[t, scale, zp], outputs=[q]))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{t.name}_DequantizeLinear", inputs=[q, scale, zp], outputs=[dq]))
+        for reader in readers:
+            for i, inp in enumerate(reader.inputs):
+                if inp is t:
+                    reader.inputs[i] = dq
+
+    def _quantize_weight(self, graph: gs.Graph, node: gs.Node, axis: int) -> np.ndarray:
+        w = node.inputs[1]
+        w_q, s_w = quantize_weight(np.asarray(w.values), axis, self.cfg.weight_qmax)
+        dtype = weight_dtype(self.cfg)
+        w_int = gs.Constant(f"{w.name}_quantized", w_q.astype(dtype))
+        scale = gs.Constant(f"{w.name}_scale", s_w)
+        zp = gs.Constant(f"{w.name}_zero_point", np.zeros(s_w.shape, dtype))
+        dq = gs.Variable(f"{w.name}_dequantized", dtype=np.float32, shape=w.shape)
+        node.inputs[1] = dq
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}_weight_DequantizeLinear",
+                                   attrs={"axis": axis}, inputs=[w_int, scale, zp], outputs=[dq]))
+        return s_w
+
+    def _quantize_bias(self, graph: gs.Graph, node: gs.Node, s_x: np.float32, s_w: np.ndarray) -> int:
+        b = node.inputs[2]
+        b_q, scale, clipped = quantize_bias(np.asarray(b.values), s_x, s_w)
+        if clipped:
+            logger.debug("%s: %d bias values clipped to int32", node.name, clipped)
+        dq = gs.Variable(f"{b.name}_dequantized", dtype=np.float32, shape=b.shape)
+        node.inputs[2] = dq
+        graph.nodes.append(gs.Node(
+            "DequantizeLinear", f"{node.name}_bias_DequantizeLinear", attrs={"axis": 0},
+            inputs=[gs.Constant(f"{b.name}_quantized", b_q), gs.Constant(f"{b.name}_scale", scale),
+                    gs.Constant(f"{b.name}_zero_point", np.zeros(scale.shape, np.int32))],
+            outputs=[dq]))
+        return clipped

@@ -1,0 +1,128 @@
+"""``compile_model``: the stages of DESIGN.md, top to bottom.
+
+    load ─► normalize ─► simplify ─► fold BN ─► plan ─► calibrate ─► insert Q/DQ
+         ─► lint (trt) ─► write ─► onnxruntime fusion report ─► fidelity summary
+
+Each stage's failure is re-raised as a ``StageError`` naming the stage.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .calib_data import CalibrationSet, InputSpec, open_calibration
+from .calibrate import collect_ranges
+from .config import CompileConfig
+from .errors import QwtError, StageError
+from .fidelity import FidelityReport, measure_fidelity
+from .inspect_ort import FusionReport, fusion_report
+from .model_io import load_model, save_model_atomic
+from .passes.fold_batchnorm import FoldBatchNormPass
+from .passes.insert_qdq import InsertQDQPass
+from .passes.normalize import NormalizePass
+from .passes.simplify import SimplifyPass
+from .passes.trt_lint import TrtLintPass
+from .policy import QuantPlan, plan_quantization
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CompileResult:
+    output_path: Path
+    model: onnx.ModelProto
+    float_model: onnx.ModelProto
+    plan: QuantPlan
+    stages: dict[str, dict]
+    fusion: FusionReport | None
+    fidelity: FidelityReport | None
+    seconds: dict[str, float]
+
+
+@contextlib.contextmanager
+def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    except StageError:
+        raise
+    except QwtError as e:
+        raise StageError(name, e) from None
+    except Exception as e:  # our bug, but say where it happened; keep the traceback
+        raise RuntimeError(f"stage '{name}' failed: {type(e).__name__}: {e}") from e
+    finally:
+        seconds[name] = round(time.perf_counter() - start, 3)
+    logger.info("stage %-10s %.2fs", name, seconds[name])
+
+
+def split_holdout(data: CalibrationSet, holdout: int) -> tuple[CalibrationSet, CalibrationSet, bool]:
+    """(calibration part, evaluation part, whether the evaluation part is held out)."""
+    n = data.length
+    if n is not None and holdout > 0 and n >= 2 * holdout:
+        return data.take(0, n - holdout), data.take(n - holdout, n), True
+    return data, data.take(0, max(holdout, 1)), False
+
+
+def compile_model(model_path: str | Path, calib, output_path: str | Path, config: CompileConfig = CompileConfig(),
+                  *, image_preprocess=None, progress: Callable[[int], None] | None = None,
+                  measure: bool = True) -> CompileResult:
+    """Compile a float ONNX model into a deployable QDQ model (see module doc)."""
+    qcfg = config.quant
+    seconds: dict[str, float] = {}
+    stages: dict[str, dict] = {}
+    model_path, output_path = Path(model_path), Path(output_path)
+    if output_path.resolve() == model_path.resolve():
+        raise QwtError("the output path is the input model", notes=[f"path: {model_path}"],
+                       fix="pass a different -o path; the input model is never overwritten")
+    with _stage("load", seconds):
+        model = load_model(model_path)
+        specs = InputSpec.from_model(model)
+        data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
+        next(iter(data))  # names, shapes, dtypes checked before any heavy work
+    with _stage("normalize", seconds):
+        result = NormalizePass(qcfg.min_opset)(model)
+        stages["normalize"] = result.stats
+        result = SimplifyPass(config.simplify)(result.graph)
+        stages["simplify"] = result.stats
+        graph = gs.import_onnx(result.graph)
+        stages["fold_bn"] = FoldBatchNormPass()(graph).stats
+        float_model = gs.export_onnx(graph)
+    with _stage("plan", seconds):
+        plan = plan_quantization(graph, qcfg)
+        stages["plan"] = {"layers": len(plan.layers), "skipped": dict(plan.skipped),
+                          "unmatched_patterns": plan.unmatched_patterns}
+        if not plan.layers:
+            raise QwtError("the model has no layer that can be quantized",
+                           notes=[f"{name}: {why}" for name, why in list(plan.skipped.items())[:10]]
+                           or ["no Conv, ConvTranspose, Gemm or MatMul with a constant weight"],
+                           fix="check the exclusions (--exclude, --exclude-op); a model without such layers gains nothing")
+    calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
+    with _stage("calibrate", seconds):
+        ranges = collect_ranges(float_model, plan.activation_tensors, calib_part, config.calib, progress)
+    with _stage("insert_qdq", seconds):
+        stages["insert_qdq"] = InsertQDQPass(plan, ranges, qcfg)(graph).stats
+    with _stage("lint", seconds):
+        if qcfg.target == "trt":
+            violations = TrtLintPass()(graph).stats["violations"]
+            if violations:
+                raise QwtError("the graph breaks TensorRT's quantization rules; nothing was written",
+                               notes=violations[:10], fix="report this as a bug: --target trt should never produce it")
+        qmodel = gs.export_onnx(graph)
+        qmodel.producer_name, qmodel.producer_version = "qwt2-onnx", "0.1.0"
+        onnx.checker.check_model(qmodel, full_check=True)
+    with _stage("write", seconds):
+        save_model_atomic(qmodel, output_path)
+    fusion = fidelity = None
+    if measure:
+        with _stage("inspect", seconds):
+            fusion = fusion_report(qmodel, {lp.node: lp.weight for lp in plan.layers})
+        with _stage("fidelity", seconds):
+            fidelity = measure_fidelity(float_model, qmodel, eval_part, config.calib.batch_size, held_out)
+    return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds)

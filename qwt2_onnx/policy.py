@@ -1,0 +1,168 @@
+"""What gets Q/DQ: the per-op policy table and the quantization plan.
+
+The table says, per op type, which input is the activation, which the weight
+(and its output-channel axis), which the bias, and whether the layer's output
+gets a Q/DQ pair.  onnxruntime needs that output pair to turn
+``DQ -> Conv -> Q`` into ``QLinearConv``; MatMul and Gemm run as integer
+kernels with a float output (MatMulIntegerToFloat, QGemm) without it.
+
+Default policy ("quantize the linear layers, keep everything else float"):
+
+* only Conv, ConvTranspose, Gemm and MatMul with a constant weight are
+  quantized; Add, Concat, Sigmoid, Softmax, pooling, resizing... stay float,
+  so tensors that mix quantities of very different scale (YOLO's final Concat
+  of box coordinates and class scores) are never squeezed into one scale;
+* a layer's output Q/DQ is placed after a single following Relu (onnxruntime
+  fuses Relu into the quantizer), never on a graph output;
+* a tensor gets one Q/DQ pair however many quantized layers read it.
+
+``plan_quantization`` returns a :class:`QuantPlan` of :class:`LayerPlan`
+records; layers it cannot quantize are listed with a reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import re
+
+import onnx_graphsurgeon as gs
+
+from .config import QuantConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpPolicy:
+    activation: int
+    weight: int
+    bias: int | None
+    quantize_output: bool
+
+
+POLICY: dict[str, OpPolicy] = {
+    "Conv": OpPolicy(activation=0, weight=1, bias=2, quantize_output=True),
+    "ConvTranspose": OpPolicy(activation=0, weight=1, bias=2, quantize_output=True),
+    "Gemm": OpPolicy(activation=0, weight=1, bias=2, quantize_output=False),
+    "MatMul": OpPolicy(activation=0, weight=1, bias=None, quantize_output=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """One layer to quantize.  ``axis`` is the weight's output-channel axis."""
+
+    node: str
+    op: str
+    activation: str
+    weight: str
+    axis: int
+    bias: str | None
+    output: str | None  # tensor that gets the output Q/DQ (after a fused Relu), if any
+
+
+@dataclasses.dataclass
+class QuantPlan:
+    layers: list[LayerPlan]
+    skipped: dict[str, str]  # node name -> reason
+    unmatched_patterns: list[str]
+
+    @property
+    def activation_tensors(self) -> list[str]:
+        names = {lp.activation for lp in self.layers} | {lp.output for lp in self.layers if lp.output}
+        return sorted(names)
+
+    @property
+    def output_points(self) -> set[str]:
+        return {lp.output for lp in self.layers if lp.output}
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _weight_axis(node: gs.Node, weight: gs.Constant) -> int | str:
+    """Output-channel axis of the weight, or a skip reason."""
+    ndim = len(weight.shape)
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1 if int(node.attrs.get("group", 1)) == 1 else "grouped_conv_transpose"
+    if node.op == "Gemm":
+        if int(node.attrs.get("transA", 0)):
+            return "gemm_transA"
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    return 1 if ndim == 2 else "matmul_weight_not_2d"
+
+
+def _layer_reason(node: gs.Node, graph_inputs: set[int]) -> str | None:
+    pol = POLICY[node.op]
+    if len(node.inputs) <= pol.weight:
+        return "missing_weight"
+    w, x = node.inputs[pol.weight], node.inputs[pol.activation]
+    if id(w) in graph_inputs:
+        return "weight_is_graph_input"
+    if not isinstance(w, gs.Constant):
+        return "no_constant_weight" if not isinstance(x, gs.Constant) else "weight_on_left"
+    if isinstance(x, gs.Constant):
+        return "constant_activation"
+    if w.values.dtype.kind != "f":
+        return "weight_not_float"
+    if len(w.outputs) > 1:
+        return "shared_weight"
+    if pol.bias is not None and len(node.inputs) > pol.bias and node.inputs[pol.bias].name:
+        b = node.inputs[pol.bias]
+        if not isinstance(b, gs.Constant):
+            return "non_constant_bias"
+        if len(b.outputs) > 1:
+            return "shared_bias"
+        if node.op == "Gemm" and (b.shape is None or len(b.shape) != 1):
+            return "gemm_bias_not_1d"
+        if node.op == "Gemm" and (float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0):
+            return "gemm_alpha_beta"
+    return None
+
+
+def _output_point(node: gs.Node, graph_outputs: set[int]) -> str | None:
+    out = node.outputs[0]
+    if id(out) in graph_outputs:
+        return None
+    if len(out.outputs) == 1 and out.outputs[0].op == "Relu" and id(out.outputs[0].outputs[0]) not in graph_outputs:
+        return out.outputs[0].outputs[0].name
+    return out.name
+
+
+def plan_quantization(graph: gs.Graph, cfg: QuantConfig) -> QuantPlan:
+    graph_inputs = {id(t) for t in graph.inputs}
+    graph_outputs = {id(t) for t in graph.outputs}
+    patterns = list(cfg.exclude_names)
+    used: set[str] = set()
+    layers, skipped = [], {}
+    for node in graph.nodes:
+        if node.op not in POLICY:
+            continue
+        hit = [p for p in patterns if _pattern_matches(p, node.name)]
+        used.update(hit)
+        if hit or node.op in cfg.exclude_op_types:
+            skipped[node.name] = f"excluded by {hit[0]!r}" if hit else f"excluded op type {node.op}"
+            continue
+        reason = _layer_reason(node, graph_inputs)
+        pol = POLICY[node.op]
+        axis = _weight_axis(node, node.inputs[pol.weight]) if reason is None else None
+        if isinstance(axis, str):
+            reason = axis
+        if reason:
+            skipped[node.name] = reason
+            logger.debug("not quantizing %s (%s): %s", node.name, node.op, reason)
+            continue
+        has_bias = pol.bias is not None and len(node.inputs) > pol.bias and node.inputs[pol.bias].name
+        layers.append(LayerPlan(
+            node=node.name, op=node.op, activation=node.inputs[pol.activation].name,
+            weight=node.inputs[pol.weight].name, axis=axis,
+            bias=node.inputs[pol.bias].name if has_bias else None,
+            output=_output_point(node, graph_outputs) if pol.quantize_output else None))
+    unmatched = [p for p in patterns if p not in used]
+    return QuantPlan(layers, skipped, unmatched)

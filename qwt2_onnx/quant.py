@@ -1,0 +1,79 @@
+"""Quantization parameters: the arithmetic, kept apart from the graph edits.
+
+Activations are per-tensor::
+
+    u8 (asymmetric): scale = (max(r_max,0) - min(r_min,0)) / (2^b - 1),  zp = round(-min(r_min,0) / scale)
+    s8 (symmetric):  scale = max(|r_min|, |r_max|) / (2^(b-1) - 1),     zp = 0
+
+Weights are per output channel, symmetric on the narrow range ``[-qmax, qmax]``
+(so flipping a row's sign never overflows)::
+
+    s_w[c] = max|W[c]| / qmax          w_q[c] = clip(round(W[c] / s_w[c]), -qmax, qmax)
+
+An int32 bias uses the scale onnxruntime recomputes when it fuses the layer,
+exactly ``s_x * s_w[c]``:  ``b_q[c] = round(b[c] / (s_x * s_w[c]))``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+
+from .config import QuantConfig
+from .observers import ActivationRange
+
+TINY = np.float32(1e-12)  # scale used for an all-zero tensor or channel
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationQParams:
+    scale: np.float32
+    zero_point: np.ndarray  # 0-d array of the quantized dtype
+
+
+def activation_dtype(cfg: QuantConfig):
+    if cfg.abits == 4:
+        return ml_dtypes.uint4 if cfg.act_type == "u8" else ml_dtypes.int4
+    return np.uint8 if cfg.act_type == "u8" else np.int8
+
+
+def weight_dtype(cfg: QuantConfig):
+    return ml_dtypes.int4 if cfg.wbits == 4 else np.int8
+
+
+def activation_qparams(r: ActivationRange, cfg: QuantConfig) -> ActivationQParams:
+    lo, hi = min(r.rmin, 0.0), max(r.rmax, 0.0)
+    dtype = activation_dtype(cfg)
+    if cfg.act_type == "u8":
+        qmax = 2 ** cfg.abits - 1
+        scale = np.float32((hi - lo) / qmax) if hi > lo else np.float32(1.0)
+        zp = int(np.clip(np.round(-lo / scale), 0, qmax))
+    else:
+        qmax = 2 ** (cfg.abits - 1) - 1
+        amax = max(-lo, hi)
+        scale = np.float32(amax / qmax) if amax > 0 else np.float32(1.0)
+        zp = 0
+    if scale < TINY:
+        scale = TINY
+    return ActivationQParams(scale, np.array(zp, dtype=dtype))
+
+
+def quantize_weight(w: np.ndarray, axis: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel symmetric: returns (integer weights as int8 values, float32 scales)."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.max(np.abs(w.astype(np.float64)), axis=reduce)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape).astype(np.float64)), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+def quantize_bias(b: np.ndarray, s_x: np.float32, s_w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """int32 bias with scale exactly s_x*s_w (float32); returns (b_q, scale, n_clipped)."""
+    scale = (np.float32(s_x) * s_w.astype(np.float32)).astype(np.float32)
+    q = np.round(b.astype(np.float64) / scale.astype(np.float64))
+    lim = np.iinfo(np.int32)
+    clipped = int(np.count_nonzero((q < lim.min) | (q > lim.max)))
+    return np.clip(q, lim.min, lim.max).astype(np.int32), scale, clipped

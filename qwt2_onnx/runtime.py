@@ -1,0 +1,89 @@
+"""onnxruntime sessions and batched execution shared by calibration and checks."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calib_data import Feed
+from .errors import QwtError
+from .model_io import model_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def make_session(model: onnx.ModelProto | str, optimized: bool = True, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session; ``optimized=False`` is float simulation (no QDQ fusion)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    src = model if isinstance(model, str) else model_bytes(model)
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise QwtError("onnxruntime cannot load the model",
+                       notes=[f"{type(e).__name__}: {str(e)[:400]}"],
+                       fix="check that the model runs in onnxruntime before quantizing it") from None
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns ``tensors`` as graph outputs."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in m.graph.value_info}
+    for name in tensors:
+        if name not in existing:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(
+                name, types.get(name, onnx.TensorProto.FLOAT), None))
+            existing.add(name)
+    return m
+
+
+def batches(samples: Iterable[Feed], batch_size: int) -> Iterator[tuple[Feed, int]]:
+    """Concatenate consecutive same-shaped samples into batches of up to ``batch_size``."""
+    pending: list[Feed] = []
+
+    def flush() -> tuple[Feed, int]:
+        feed = {k: np.concatenate([p[k] for p in pending]) if len(pending) > 1 else pending[0][k] for k in pending[0]}
+        return feed, len(pending)
+
+    for s in samples:
+        if pending and ({k: v.shape for k, v in s.items()} != {k: v.shape for k, v in pending[0].items()}
+                        or len(pending) >= batch_size):
+            yield flush()
+            pending = []
+        pending.append(s)
+    if pending:
+        yield flush()
+
+
+class BatchRunner:
+    """Runs a session on batches; falls back to one sample at a time when the
+    model cannot take a batch (fixed batch dims inside the graph)."""
+
+    def __init__(self, session: ort.InferenceSession, batch_size: int):
+        self.session = session
+        self.batch_size = batch_size
+        self.names = [o.name for o in session.get_outputs()]
+
+    def run(self, samples: Iterable[Feed], outputs: list[str] | None = None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        wanted = outputs or self.names
+        for feed, n in batches(samples, self.batch_size):
+            try:
+                yield dict(zip(wanted, self.session.run(wanted, feed))), n
+                continue
+            except Exception:
+                if n == 1:
+                    raise
+                logger.info("model does not run on a batch of %d; running samples one by one", n)
+                self.batch_size = 1
+            for i in range(n):
+                single = {k: v[i:i + 1] for k, v in feed.items()}
+                yield dict(zip(wanted, self.session.run(wanted, single))), 1
