@@ -24,6 +24,7 @@ import logging
 from collections import Counter
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
@@ -33,6 +34,13 @@ from ..quant import ActivationQParams, activation_qparams, quantize_bias, quanti
 from . import PassResult
 
 logger = logging.getLogger(__name__)
+
+
+def _constant(name: str, values: np.ndarray) -> gs.Constant:
+    """A constant; 4-bit values go through onnx's packing (graphsurgeon would write a byte each)."""
+    if values.dtype.itemsize == 1 and values.dtype.name in ("int4", "uint4"):
+        return gs.Constant(name, gs.ir.tensor.LazyValues(onnx.numpy_helper.from_array(values, name)))
+    return gs.Constant(name, values)
 
 
 class InsertQDQPass:
@@ -66,7 +74,7 @@ class InsertQDQPass:
 
     def _insert_activation(self, graph: gs.Graph, t: gs.Variable, qp: ActivationQParams, readers: list[gs.Node]) -> None:
         scale = gs.Constant(f"{t.name}_scale", np.array(qp.scale, np.float32))
-        zp = gs.Constant(f"{t.name}_zero_point", qp.zero_point)
+        zp = _constant(f"{t.name}_zero_point", qp.zero_point)
         q = gs.Variable(f"{t.name}_quantized", dtype=qp.zero_point.dtype, shape=t.shape)
         dq = gs.Variable(f"{t.name}_dequantized", dtype=np.float32, shape=t.shape)
         graph.nodes.append(gs.Node("QuantizeLinear", f"{t.name}_QuantizeLinear", inputs=[t, scale, zp], outputs=[q]))
@@ -80,9 +88,9 @@ class InsertQDQPass:
         w = node.inputs[1]
         w_q, s_w = quantize_weight(np.asarray(w.values), axis, self.cfg.weight_qmax)
         dtype = weight_dtype(self.cfg)
-        w_int = gs.Constant(f"{w.name}_quantized", w_q.astype(dtype))
+        w_int = _constant(f"{w.name}_quantized", w_q.astype(dtype))
         scale = gs.Constant(f"{w.name}_scale", s_w)
-        zp = gs.Constant(f"{w.name}_zero_point", np.zeros(s_w.shape, dtype))
+        zp = _constant(f"{w.name}_zero_point", np.zeros(s_w.shape, dtype))
         dq = gs.Variable(f"{w.name}_dequantized", dtype=np.float32, shape=w.shape)
         node.inputs[1] = dq
         graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}_weight_DequantizeLinear",

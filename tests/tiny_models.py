@@ -1,0 +1,68 @@
+"""Tiny models built in code for unit tests.
+
+``conv_net``::
+
+    x[N,3,8,8] ─► Conv(w1,b1) ─► BN ─► Relu ─► r1 ─► Conv(w2) ─► Add(·, r1) ─► GAP ─► Flatten
+                                                                                  │
+               y[N,5] ◄── MatMul(wm) ◄── Gemm(wg, bg, transB=1) ◄────────────────┘
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _f32(name: str, arr) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(arr, np.float32), name)
+
+
+def conv_net(seed: int = 0, opset: int = 13, batch: str | int = "N") -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["bn1"], name="bn1"),
+        helper.make_node("Relu", ["bn1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["a"], name="add"),
+        helper.make_node("GlobalAveragePool", ["a"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["g1"], name="gemm", transB=1),
+        helper.make_node("MatMul", ["g1", "wm"], ["y"], name="mm"),
+    ]
+    inits = [_f32("w1", rng.normal(size=(8, 3, 3, 3))), _f32("b1", rng.normal(size=8)),
+             _f32("g", rng.uniform(0.5, 2, 8)), _f32("be", rng.normal(size=8)), _f32("mu", rng.normal(size=8)),
+             _f32("var", rng.uniform(0.5, 2, 8)), _f32("w2", rng.normal(size=(8, 8, 3, 3)) * 0.2),
+             _f32("wg", rng.normal(size=(16, 8))), _f32("bg", rng.normal(size=16)), _f32("wm", rng.normal(size=(16, 5)))]
+    g = helper.make_graph(nodes, "conv_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def mlp_with_constants(opset: int = 11) -> onnx.ModelProto:
+    """x[N,4] ─► MatMul(Constant W1) ─► Relu ─► Gemm(W2 transB=0, Constant b) ─► y; unnamed nodes."""
+    rng = np.random.default_rng(1)
+    w1 = numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32))
+    b = numpy_helper.from_array(rng.normal(size=3).astype(np.float32))
+    nodes = [
+        helper.make_node("Constant", [], ["W1"], value=w1),
+        helper.make_node("MatMul", ["x", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("Constant", [], ["B"], value=b),
+        helper.make_node("Gemm", ["hr", "W2", "B"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [_f32("W2", rng.normal(size=(6, 3)))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 7
+    return m
+
+
+def calib_npz(path, n: int = 64, shape=(3, 8, 8), name: str = "x", seed: int = 0):
+    rng = np.random.default_rng(seed)
+    np.savez(path, **{name: rng.normal(size=(n, *shape)).astype(np.float32)})
+    return path
