@@ -60,6 +60,8 @@ class LayerPlan:
     axis: int
     bias: str | None
     output: str | None  # tensor that gets the output Q/DQ (after a fused Relu), if any
+    bias_node: str | None = None  # node whose input ``bias_input`` is the bias (the layer, or MatMul's Add)
+    bias_input: int = 2
 
 
 @dataclasses.dataclass
@@ -126,6 +128,25 @@ def _layer_reason(node: gs.Node, graph_inputs: set[int]) -> str | None:
     return None
 
 
+def _matmul_add_bias(node: gs.Node, graph_outputs: set[int]) -> tuple[str, int] | None:
+    """The constant bias of ``MatMul -> Add(b)`` when the activation is 2-D.
+
+    onnxruntime rewrites such a pair into Gemm before its QDQ fusion; with an
+    int32 bias DQ the Gemm becomes QGemm, with a float bias it stays float.
+    """
+    out, x = node.outputs[0], node.inputs[0]
+    if len(out.outputs) != 1 or id(out) in graph_outputs or out.outputs[0].op != "Add":
+        return None
+    if x.shape is None or len(x.shape) != 2:
+        return None
+    add = out.outputs[0]
+    idx = 1 if add.inputs[0] is out else 0
+    b, n_out = add.inputs[idx], node.inputs[1].shape[-1]
+    if isinstance(b, gs.Constant) and b.shape is not None and tuple(b.shape) == (n_out,) and len(b.outputs) == 1:
+        return add.name, idx
+    return None
+
+
 def _output_point(node: gs.Node, graph_outputs: set[int]) -> str | None:
     out = node.outputs[0]
     if id(out) in graph_outputs:
@@ -141,6 +162,7 @@ def plan_quantization(graph: gs.Graph, cfg: QuantConfig) -> QuantPlan:
     patterns = list(cfg.exclude_names)
     used: set[str] = set()
     layers, skipped = [], {}
+    nodes_by_name = {n.name: n for n in graph.nodes}
     for node in graph.nodes:
         if node.op not in POLICY:
             continue
@@ -159,10 +181,14 @@ def plan_quantization(graph: gs.Graph, cfg: QuantConfig) -> QuantPlan:
             logger.debug("not quantizing %s (%s): %s", node.name, node.op, reason)
             continue
         has_bias = pol.bias is not None and len(node.inputs) > pol.bias and node.inputs[pol.bias].name
+        bias_node, bias_input = (node.name, pol.bias) if has_bias else (None, 2)
+        if node.op == "MatMul" and (found := _matmul_add_bias(node, graph_outputs)):
+            bias_node, bias_input = found
         layers.append(LayerPlan(
             node=node.name, op=node.op, activation=node.inputs[pol.activation].name,
             weight=node.inputs[pol.weight].name, axis=axis,
-            bias=node.inputs[pol.bias].name if has_bias else None,
-            output=_output_point(node, graph_outputs) if pol.quantize_output else None))
+            bias=nodes_by_name[bias_node].inputs[bias_input].name if bias_node else None,
+            output=_output_point(node, graph_outputs) if pol.quantize_output else None,
+            bias_node=bias_node, bias_input=bias_input))
     unmatched = [p for p in patterns if p not in used]
     return QuantPlan(layers, skipped, unmatched)

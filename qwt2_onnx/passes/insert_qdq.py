@@ -66,7 +66,7 @@ class InsertQDQPass:
             s_x = qparams[lp.activation].scale
             s_w = self._quantize_weight(graph, node, lp.axis)
             if lp.bias is not None and self.cfg.target == "ort":
-                stats["bias_clipped"] += self._quantize_bias(graph, node, s_x, s_w)
+                stats["bias_clipped"] += self._quantize_bias(graph, nodes[lp.bias_node], lp.bias_input, s_x, s_w)
             stats["layers"] += 1
         graph.cleanup().toposort()
         logger.info("inserted Q/DQ for %d layers, %d activation tensors", stats["layers"], stats["activation_qdq"])
@@ -97,13 +97,13 @@ class InsertQDQPass:
                                    attrs={"axis": axis}, inputs=[w_int, scale, zp], outputs=[dq]))
         return s_w
 
-    def _quantize_bias(self, graph: gs.Graph, node: gs.Node, s_x: np.float32, s_w: np.ndarray) -> int:
-        b = node.inputs[2]
+    def _quantize_bias(self, graph: gs.Graph, node: gs.Node, index: int, s_x: np.float32, s_w: np.ndarray) -> int:
+        b = node.inputs[index]
         b_q, scale, clipped = quantize_bias(np.asarray(b.values), s_x, s_w)
         if clipped:
             logger.debug("%s: %d bias values clipped to int32", node.name, clipped)
         dq = gs.Variable(f"{b.name}_dequantized", dtype=np.float32, shape=b.shape)
-        node.inputs[2] = dq
+        node.inputs[index] = dq
         graph.nodes.append(gs.Node(
             "DequantizeLinear", f"{node.name}_bias_DequantizeLinear", attrs={"axis": 0},
             inputs=[gs.Constant(f"{b.name}_quantized", b_q), gs.Constant(f"{b.name}_scale", scale),
