@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 def collect_ranges(model: onnx.ModelProto, tensors: list[str], data: CalibrationSet, cfg: CalibConfig,
-                   progress: Callable[[int], None] | None = None) -> dict[str, ActivationRange]:
+                   progress: Callable[[int, int | None], None] | None = None) -> dict[str, ActivationRange]:
+    """``progress(n, total)`` is called after each batch of n samples (total may be None)."""
     if not tensors:
         return {}
     session = make_session(with_outputs(model, tensors), optimized=True)
@@ -33,7 +34,7 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], data: Calibration
                 observers[name].update(value)
             seen += n
             if progress:
-                progress(n)
+                progress(n, samples.length)
     except QwtError:
         raise
     except Exception as e:

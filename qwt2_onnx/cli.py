@@ -98,14 +98,34 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
                         fg="red", bold=True, err=True)
             calib = random_calibration(InputSpec.from_model(load_model(model)), random_calib)
         output = output or _default_output(model, qcfg, here=demo)
-        with click.progressbar(length=0, label="calibrating", file=sys.stderr) as bar:
-            result = compile_model(model, calib, output, config, image_preprocess=pre, progress=bar.update)
+        with _Progress("calibrating") as progress:
+            result = compile_model(model, calib, output, config, image_preprocess=pre, progress=progress)
         click.echo(render_summary(result))
         if demo:
             click.echo(_demo_accuracy(result))
     except QwtError as e:
         click.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
+
+
+class _Progress:
+    """A click progress bar created on the first update, when the total is known."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def __call__(self, n: int, total: int | None) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+        self.bar.update(n)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 def _demo_accuracy(result) -> str:

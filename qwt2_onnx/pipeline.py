@@ -71,7 +71,7 @@ def split_holdout(data: CalibrationSet, holdout: int) -> tuple[CalibrationSet, C
 
 
 def compile_model(model_path: str | Path, calib, output_path: str | Path, config: CompileConfig = CompileConfig(),
-                  *, image_preprocess=None, progress: Callable[[int], None] | None = None,
+                  *, image_preprocess=None, progress: Callable[[int, int | None], None] | None = None,
                   measure: bool = True) -> CompileResult:
     """Compile a float ONNX model into a deployable QDQ model (see module doc)."""
     qcfg = config.quant
