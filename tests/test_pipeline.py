@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from qwt2_onnx import CompileConfig, QuantConfig, QwtError, compile_model
-from tiny_models import calib_npz, conv_net, mlp_with_constants
+from tiny_models import calib_npz, conv_net, matmul_add, mlp_with_constants
 
 
 def run(model, x, optimized):
@@ -167,3 +167,42 @@ def test_deterministic_bytes(tiny, tmp_path):
     compile_model(model, calib, tmp_path / "a.onnx", measure=False)
     compile_model(model, calib, tmp_path / "b.onnx", measure=False)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_matmul_add_bias_becomes_int32_and_fuses_to_qgemm(tmp_path):
+    onnx.save(matmul_add(), tmp_path / "m.onnx")
+    res = compile_model(tmp_path / "m.onnx", calib_npz(tmp_path / "c.npz", shape=(6,)), tmp_path / "o.onnx")
+    lp = res.plan.layers[0]
+    assert (lp.bias, lp.bias_node, lp.bias_input) == ("b", "add", 1)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "o.onnx").graph.initializer}
+    assert inits["b_quantized"].dtype == np.int32
+    assert res.fusion.integer == {"mm": "QGemm"}
+    assert res.fidelity.deployed["y"].sqnr_db > 25  # 7-bit weights, u8 input: ~30 dB on this layer
+
+
+def test_onnxsim_failure_is_a_note_not_an_error(tiny, tmp_path, monkeypatch):
+    import onnxsim
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated onnxsim crash")
+
+    monkeypatch.setattr(onnxsim, "simplify", broken)
+    model, calib = tiny
+    res = compile_model(model, calib, tmp_path / "o.onnx", measure=False)
+    assert res.stages["simplify"]["onnxsim"].startswith("skipped: RuntimeError: simulated onnxsim crash")
+    assert len(res.plan.layers) == 4
+
+
+def test_per_sample_shapes_and_symbolic_dims(tmp_path):
+    onnx.save(conv_net(hw="H"), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(size=(1, 3, s, s)).astype(np.float32)} for s in (6, 8, 8, 12, 5) * 8]
+    res = compile_model(tmp_path / "m.onnx", samples, tmp_path / "o.onnx")
+    assert len(res.plan.layers) == 4 and res.fidelity.simulated["y"].sqnr_db > 25
+
+
+def test_opset11_model_is_upgraded_and_loads(tmp_path):
+    onnx.save(conv_net(opset=11), tmp_path / "m.onnx")
+    res = compile_model(tmp_path / "m.onnx", calib_npz(tmp_path / "c.npz"), tmp_path / "o.onnx")
+    assert res.stages["normalize"]["opset"] == "11->13"
+    assert res.fidelity.deployed["y"].sqnr_db > 30

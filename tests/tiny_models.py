@@ -17,7 +17,7 @@ def _f32(name: str, arr) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(arr, np.float32), name)
 
 
-def conv_net(seed: int = 0, opset: int = 13, batch: str | int = "N") -> onnx.ModelProto:
+def conv_net(seed: int = 0, opset: int = 13, batch: str | int = "N", hw: str | int = 8) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -34,7 +34,7 @@ def conv_net(seed: int = 0, opset: int = 13, batch: str | int = "N") -> onnx.Mod
              _f32("g", rng.uniform(0.5, 2, 8)), _f32("be", rng.normal(size=8)), _f32("mu", rng.normal(size=8)),
              _f32("var", rng.uniform(0.5, 2, 8)), _f32("w2", rng.normal(size=(8, 8, 3, 3)) * 0.2),
              _f32("wg", rng.normal(size=(16, 8))), _f32("bg", rng.normal(size=16)), _f32("wm", rng.normal(size=(16, 5)))]
-    g = helper.make_graph(nodes, "conv_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+    g = helper.make_graph(nodes, "conv_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, hw, hw])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
@@ -66,3 +66,16 @@ def calib_npz(path, n: int = 64, shape=(3, 8, 8), name: str = "x", seed: int = 0
     rng = np.random.default_rng(seed)
     np.savez(path, **{name: rng.normal(size=(n, *shape)).astype(np.float32)})
     return path
+
+
+def matmul_add(k: int = 6, n: int = 4) -> onnx.ModelProto:
+    """x[N,k] ─► MatMul(W) ─► Add(b) ─► y[N,n]   (onnxruntime rewrites this pair into Gemm)."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "mm_add", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+                          [_f32("W", rng.normal(size=(k, n))), _f32("b", rng.normal(size=n))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
