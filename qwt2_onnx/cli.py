@@ -50,7 +50,7 @@ def main(verbose: int) -> None:
 @click.option("--abits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True)
 @click.option("--full-range-weights", is_flag=True,
               help="ort: use the full [-127,127] weight range (only safe on CPUs with VNNI/AVX512-VNNI).")
-@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="percentile", show_default=True)
 @click.option("--percentile", type=float, default=99.99, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--max-samples", type=int, default=None)

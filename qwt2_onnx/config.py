@@ -65,7 +65,7 @@ class QuantConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CalibConfig:
-    method: Method = "minmax"
+    method: Method = "percentile"
     percentile: float = 99.99
     batch_size: int = 16
     max_samples: int | None = None

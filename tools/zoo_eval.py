@@ -1,0 +1,94 @@
+"""Task metrics of our compiled models on the zoo: float vs ours, simulated and deployed.
+
+    python tools/zoo_eval.py [names...] [--variants w8a8-ort w8a8-trt w4a8-ort] [--n-calib 64]
+                             [--json docs/zoo_results.json]
+
+For each zoo model (tools/zoo.py) and variant, ``compile_model`` runs on the
+task's ``n_calib`` calibration samples (the same samples tools/zoo_ort_baseline.py
+gives onnxruntime's quantize_static), then the task metric (tools/zoo_tasks.py)
+is measured twice: *simulated* (onnxruntime, graph optimizations off: every
+Q/DQ runs in float) and *deployed* (all optimizations: integer kernels).
+Results are merged into the JSON file (one entry per model and variant), which
+tools/zoo_report.py renders into docs/ZOO.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import onnxruntime as ort  # noqa: E402
+
+from qwt2_onnx import CalibConfig, CompileConfig, QuantConfig, compile_model  # noqa: E402
+from zoo import fetch_model  # noqa: E402
+from zoo_tasks import TASKS  # noqa: E402
+
+VARIANTS = {
+    "w8a8-ort": QuantConfig(target="ort", wbits=8),
+    "w8a8-trt": QuantConfig(target="trt", wbits=8),
+    "w4a8-ort": QuantConfig(target="ort", wbits=4),
+}
+
+
+def session(path: str, optimized: bool) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimized:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def evaluate_ours(name: str, variant: str, n_calib: int, workdir: Path, calib: CalibConfig = CalibConfig()) -> dict:
+    """Compile zoo model ``name`` with ``variant`` and measure its task metric both ways."""
+    task, model = TASKS[name], fetch_model(name)
+    feeds = task.calib_feeds(model, n_calib)
+    samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(n_calib)]
+    out = workdir / f"{name}.{variant}.onnx"
+    t0 = time.perf_counter()
+    res = compile_model(model, samples, out, CompileConfig(quant=VARIANTS[variant], calib=calib, holdout_samples=0))
+    compile_s = time.perf_counter() - t0
+    fsess = session(str(model), True)
+    row = {"model": name, "variant": variant, "n_calib": n_calib, "compile_s": round(compile_s, 1),
+           "layers": len(res.plan.layers), "float_layers": len(res.plan.skipped),
+           "integer_kernels": len(res.fusion.integer), "fusion": res.fusion.summary()}
+    row["simulated"] = task.evaluate(session(str(out), False), fsess)
+    row["deployed"] = task.evaluate(session(str(out), True), fsess)
+    return row
+
+
+def float_metrics(name: str) -> dict:
+    path = str(fetch_model(name))
+    s = session(path, True)
+    return TASKS[name].evaluate(s, s)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--json", type=Path, default=Path("docs/zoo_results.json"))
+    args = ap.parse_args(argv)
+    results = json.loads(args.json.read_text()) if args.json.exists() else {}
+    with tempfile.TemporaryDirectory() as d:
+        for name in args.names or list(TASKS):
+            entry = results.setdefault(name, {})
+            entry["float"] = float_metrics(name)
+            print(f"{name} float: {entry['float']}", flush=True)
+            for variant in args.variants:
+                row = evaluate_ours(name, variant, args.n_calib, Path(d))
+                entry[f"ours-{variant}"] = row
+                print(f"{name} ours-{variant}: sim {row['simulated']} | dep {row['deployed']} | {row['fusion']}",
+                      flush=True)
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
