@@ -67,7 +67,7 @@ class QuantConfig:
 class CalibConfig:
     method: Method = "percentile"
     percentile: float = 99.99
-    batch_size: int = 16
+    batch_size: int = 8
     max_samples: int | None = None
 
 
