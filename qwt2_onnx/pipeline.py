@@ -21,6 +21,7 @@ from .calib_data import CalibrationSet, InputSpec, open_calibration
 from .calibrate import collect_ranges
 from .config import CompileConfig
 from .errors import QwtError, StageError
+from .graph_io import export_model
 from .fidelity import FidelityReport, measure_fidelity
 from .inspect_ort import FusionReport, fusion_report
 from .model_io import load_model, save_model_atomic
@@ -93,7 +94,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
         stages["simplify"] = result.stats
         graph = gs.import_onnx(result.graph)
         stages["fold_bn"] = FoldBatchNormPass()(graph).stats
-        float_model = gs.export_onnx(graph)
+        float_model = export_model(graph)
     with _stage("plan", seconds):
         plan = plan_quantization(graph, qcfg)
         stages["plan"] = {"layers": len(plan.layers), "skipped": dict(plan.skipped),
@@ -114,7 +115,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
             if violations:
                 raise QwtError("the graph breaks TensorRT's quantization rules; nothing was written",
                                notes=violations[:10], fix="report this as a bug: --target trt should never produce it")
-        qmodel = gs.export_onnx(graph)
+        qmodel = export_model(graph)
         qmodel.producer_name, qmodel.producer_version = "qwt2-onnx", "0.1.0"
         onnx.checker.check_model(qmodel, full_check=True)
     with _stage("write", seconds):

@@ -10,6 +10,8 @@ For every planned layer (activation ``x``, weight ``W``, bias ``b``)::
   output-channel axis (``axis`` from the plan), zero point 0;
 * ``--target ort``: the bias becomes int32 with scale exactly ``s_x*s_w[c]``;
   ``--target trt``: the bias stays float (TensorRT rejects an int32-bias DQ);
+* a Conv/ConvTranspose/Gemm without a bias gets a zero bias, so that CWAC's
+  fold always has a bias slot and the folded graph keeps the op histogram;
 * activation tensors get per-tensor Q/DQ.  Consumers that are planned layers
   read the DQ output; when the tensor is a layer's *output point* every
   consumer reads it (otherwise onnxruntime could not fuse the producer).
@@ -24,7 +26,6 @@ import logging
 from collections import Counter
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
@@ -34,13 +35,6 @@ from ..quant import ActivationQParams, activation_qparams, quantize_bias, quanti
 from . import PassResult
 
 logger = logging.getLogger(__name__)
-
-
-def _constant(name: str, values: np.ndarray) -> gs.Constant:
-    """A constant; 4-bit values go through onnx's packing (graphsurgeon would write a byte each)."""
-    if values.dtype.itemsize == 1 and values.dtype.name in ("int4", "uint4"):
-        return gs.Constant(name, gs.ir.tensor.LazyValues(onnx.numpy_helper.from_array(values, name)))
-    return gs.Constant(name, values)
 
 
 class InsertQDQPass:
@@ -65,8 +59,13 @@ class InsertQDQPass:
             node = nodes[lp.node]
             s_x = qparams[lp.activation].scale
             s_w = self._quantize_weight(graph, node, lp.axis)
-            if lp.bias is not None and self.cfg.target == "ort":
-                stats["bias_clipped"] += self._quantize_bias(graph, nodes[lp.bias_node], lp.bias_input, s_x, s_w)
+            bias_node, bias_input = (nodes[lp.bias_node], lp.bias_input) if lp.bias else (node, 2)
+            if lp.bias is None and lp.op != "MatMul":
+                # a zero bias gives CWAC a slot to fold into without changing the op histogram
+                node.inputs.append(gs.Constant(f"{node.name}_bias", np.zeros(s_w.shape, np.float32)))
+                stats["zero_bias_added"] += 1
+            if (lp.bias is not None or lp.op != "MatMul") and self.cfg.target == "ort":
+                stats["bias_clipped"] += self._quantize_bias(graph, bias_node, bias_input, s_x, s_w)
             stats["layers"] += 1
         graph.cleanup().toposort()
         logger.info("inserted Q/DQ for %d layers, %d activation tensors", stats["layers"], stats["activation_qdq"])
@@ -74,7 +73,7 @@ class InsertQDQPass:
 
     def _insert_activation(self, graph: gs.Graph, t: gs.Variable, qp: ActivationQParams, readers: list[gs.Node]) -> None:
         scale = gs.Constant(f"{t.name}_scale", np.array(qp.scale, np.float32))
-        zp = _constant(f"{t.name}_zero_point", qp.zero_point)
+        zp = gs.Constant(f"{t.name}_zero_point", qp.zero_point)
         q = gs.Variable(f"{t.name}_quantized", dtype=qp.zero_point.dtype, shape=t.shape)
         dq = gs.Variable(f"{t.name}_dequantized", dtype=np.float32, shape=t.shape)
         graph.nodes.append(gs.Node("QuantizeLinear", f"{t.name}_QuantizeLinear", inputs=[t, scale, zp], outputs=[q]))
@@ -88,9 +87,9 @@ class InsertQDQPass:
         w = node.inputs[1]
         w_q, s_w = quantize_weight(np.asarray(w.values), axis, self.cfg.weight_qmax)
         dtype = weight_dtype(self.cfg)
-        w_int = _constant(f"{w.name}_quantized", w_q.astype(dtype))
+        w_int = gs.Constant(f"{w.name}_quantized", w_q.astype(dtype))
         scale = gs.Constant(f"{w.name}_scale", s_w)
-        zp = _constant(f"{w.name}_zero_point", np.zeros(s_w.shape, dtype))
+        zp = gs.Constant(f"{w.name}_zero_point", np.zeros(s_w.shape, dtype))
         dq = gs.Variable(f"{w.name}_dequantized", dtype=np.float32, shape=w.shape)
         node.inputs[1] = dq
         graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}_weight_DequantizeLinear",

@@ -1,0 +1,196 @@
+"""FoldCompensationPass: fold each CWAC map ``y' = g ⊙ y + β`` into the layer.
+
+A quantized layer computes, per output channel c (symmetric per-channel weights
+``W[c] = s_w[c]·w_q[c]``, zero point 0, weight DQ on the output axis)::
+
+    y[c] = s_x·s_w[c]·(x_q ∗ w_q[c]) + b[c]
+
+so, with the integer weights unchanged in magnitude::
+
+    g·y + β  =  same layer with   s_w'[c] = |g_c|·s_w[c]
+                                  w_q'[c] = sign(g_c)·w_q[c]
+                                  b'[c]   = g_c·b[c] + β_c
+
+The weight DQ scale *is* the per-channel factor of onnxruntime's
+requantization multiplier ``s_x·s_w[c]/s_y``, so the gain lands in the
+requantization scale; nothing is added to the graph.
+
+Cases::
+
+    g_c > 0    scale ×g, row unchanged
+    g_c < 0    scale ×|g|, row negated (narrow range [-q, q] ⇒ never overflows)
+    g_c = 0    row zeroed, scale kept (positive), the bias carries β
+
+Bias slot: int32 bias DQ (``--target ort``) is requantized with scale exactly
+``s_x·s_w'[c]``; a float bias (``--target trt``) is updated in float.  A MatMul
+whose bias lives in the following Add gets β folded into that Add's constant.
+With no bias slot at all an ``Add`` is inserted and *reported* in the stats.
+
+Exactness: the int32 bias is rounded to its grid, so the caller snaps β to
+that grid first (:func:`snap_bias`): the unfused graph then computes exactly
+what the fused one does, up to float rounding.
+
+Preconditions (else skip with a reason): the weight is a constant integer
+tensor read only by its DQ, which is read only by this layer; its DQ is
+per-channel on the output axis with zero points 0.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..cwac import Compensation
+from . import PassResult
+
+logger = logging.getLogger(__name__)
+
+
+def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
+    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == op:
+        return t.inputs[0]
+    return None
+
+
+def _values(t: gs.Tensor) -> np.ndarray:
+    return np.asarray(t.values)
+
+
+def bias_slot(node: gs.Node) -> tuple[gs.Node, int] | None:
+    """(node, input index) holding the layer's bias: its own input 2, or MatMul's following Add."""
+    if node.op in ("Conv", "ConvTranspose", "Gemm"):
+        return (node, 2) if len(node.inputs) > 2 and node.inputs[2].name else None
+    out = node.outputs[0]
+    if len(out.outputs) == 1 and out.outputs[0].op == "Add":
+        add = out.outputs[0]
+        other = 1 if add.inputs[0] is out else 0
+        b = add.inputs[other]
+        if isinstance(b, gs.Constant) or _producer(b, "DequantizeLinear"):
+            return add, other
+    return None
+
+
+def snap_bias(node: gs.Node, comp: Compensation) -> np.ndarray:
+    """β adjusted so that g·b + β lies exactly on the int32 bias grid of the folded layer."""
+    slot = bias_slot(node)
+    if slot is None:
+        return comp.bias
+    bnode, idx = slot
+    dq = _producer(bnode.inputs[idx], "DequantizeLinear")
+    if dq is None:
+        return comp.bias
+    b_int, b_scale = _values(dq.inputs[0]).astype(np.float64), _values(dq.inputs[1]).astype(np.float64)
+    b = b_int * b_scale
+    new_scale = b_scale * np.where(comp.gain == 0, 1.0, np.abs(comp.gain.astype(np.float64)))
+    new_scale = new_scale.astype(np.float32).astype(np.float64)
+    target = np.round((comp.gain * b + comp.bias) / new_scale) * new_scale
+    return (target - comp.gain.astype(np.float64) * b).astype(np.float32)
+
+
+class FoldCompensationPass:
+    def __init__(self, compensations: dict[str, Compensation]):
+        self.compensations = compensations
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        nodes = {n.name: n for n in graph.nodes}
+        strategies: dict[str, str] = {}
+        skipped: Counter = Counter()
+        inserted: list[str] = []
+        for layer, comp in self.compensations.items():
+            node = nodes.get(layer)
+            reason = self._check(node)
+            if reason:
+                skipped[reason] += 1
+                strategies[layer] = f"skipped: {reason}"
+                logger.debug("not folding %s: %s", layer, reason)
+                continue
+            self._fold_gain(node, comp.gain)
+            strategies[layer] = self._fold_bias(graph, node, comp, inserted)
+        if inserted:
+            graph.cleanup().toposort()
+        return PassResult(graph, bool(strategies), {"strategies": strategies, "skipped": dict(skipped),
+                                                   "inserted_ops": inserted})
+
+    @staticmethod
+    def _check(node: gs.Node | None) -> str | None:
+        if node is None:
+            return "layer_not_found"
+        dq = _producer(node.inputs[1], "DequantizeLinear")
+        if dq is None:
+            return "weight_not_dequantized"
+        w, scale = dq.inputs[0], dq.inputs[1]
+        zp = dq.inputs[2] if len(dq.inputs) > 2 else None
+        if not isinstance(w, gs.Constant) or not isinstance(scale, gs.Constant):
+            return "weight_not_constant"
+        if len(w.outputs) > 1 or len(node.inputs[1].outputs) > 1:
+            return "shared_weight"
+        axis = int(dq.attrs.get("axis", 1))
+        out_axis = 0 if node.op == "Conv" else 1 if node.op in ("ConvTranspose", "MatMul") else (
+            0 if int(node.attrs.get("transB", 0)) else 1)
+        if _values(scale).size != w.shape[out_axis] or axis % len(w.shape) != out_axis:
+            return "weight_not_per_channel_on_output_axis"
+        if zp is not None and np.any(_values(zp).astype(np.int64) != 0):
+            return "weight_zero_point_not_zero"
+        return None
+
+    @staticmethod
+    def _fold_gain(node: gs.Node, gain: np.ndarray) -> None:
+        dq = _producer(node.inputs[1], "DequantizeLinear")
+        w, scale = dq.inputs[0], dq.inputs[1]
+        axis = int(dq.attrs.get("axis", 1)) % len(w.shape)
+        shape = [1] * len(w.shape)
+        shape[axis] = -1
+        sign = np.where(gain < 0, -1, 1).reshape(shape)
+        keep = (gain != 0).reshape(shape)
+        w_q = _values(w)
+        w.values = (w_q.astype(np.int8) * sign * keep).astype(w_q.dtype)
+        s = _values(scale)
+        scale.values = np.where(gain == 0, s, s * np.abs(gain)).astype(np.float32)
+
+    @staticmethod
+    def _fold_bias(graph: gs.Graph, node: gs.Node, comp: Compensation, inserted: list[str]) -> str:
+        slot = bias_slot(node)
+        g, beta = comp.gain.astype(np.float64), comp.bias.astype(np.float64)
+        if slot is None:
+            if node.op in ("Conv", "ConvTranspose", "Gemm"):
+                node.inputs.append(gs.Constant(f"{node.name}_cwac_bias", beta.astype(np.float32)))
+                return "gain->weight scale, beta->new float bias input"
+            return FoldCompensationPass._insert_add(graph, node, comp, inserted)
+        bnode, idx = slot
+        dq = _producer(bnode.inputs[idx], "DequantizeLinear")
+        if dq is None:  # float bias (trt target, or a MatMul's float Add)
+            b = bnode.inputs[idx]
+            bvals = _values(b).astype(np.float64)
+            scale_b = g if bnode is node else g.reshape(bvals.shape) if bvals.size == g.size else None
+            if scale_b is None:
+                return FoldCompensationPass._insert_add(graph, node, comp, inserted)
+            b.values = (scale_b * bvals + beta.reshape(bvals.shape)).astype(np.float32)
+            return "gain->weight scale, beta->float bias"
+        b_int, b_scale = dq.inputs[0], dq.inputs[1]
+        b = _values(b_int).astype(np.float64) * _values(b_scale).astype(np.float64)
+        new_scale = (_values(b_scale) * np.where(g == 0, 1.0, np.abs(g))).astype(np.float32)
+        q = np.round((g * b + beta) / new_scale.astype(np.float64))
+        lim = np.iinfo(np.int32)
+        b_int.values = np.clip(q, lim.min, lim.max).astype(np.int32)
+        b_scale.values = new_scale
+        return "gain->weight scale, beta->int32 bias"
+
+    @staticmethod
+    def _insert_add(graph: gs.Graph, node: gs.Node, comp: Compensation, inserted: list[str]) -> str:
+        out = node.outputs[0]
+        new = gs.Variable(f"{out.name}_cwac", dtype=out.dtype, shape=out.shape)
+        consumers = list(out.outputs)
+        beta = gs.Constant(f"{node.name}_cwac_beta", comp.bias.astype(np.float32))
+        add = gs.Node("Add", f"{node.name}_cwac_Add", inputs=[out, beta], outputs=[new])
+        graph.nodes.append(add)
+        for c in consumers:
+            for i, t in enumerate(c.inputs):
+                if t is out:
+                    c.inputs[i] = new
+        if any(t is out for t in graph.outputs):  # keep the graph output's name on the compensated tensor
+            graph.outputs[[i for i, t in enumerate(graph.outputs) if t is out][0]] = new
+            new.name, out.name = out.name, f"{out.name}_pre_cwac"
+        inserted.append(add.name)
+        return "gain->weight scale, beta->inserted Add (extra op)"
