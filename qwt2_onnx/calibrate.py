@@ -29,7 +29,7 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], data: Calibration
     seen = 0
     samples = data if cfg.max_samples is None else data.take(0, cfg.max_samples)
     try:
-        for outputs, n in BatchRunner(session, cfg.batch_size).run(samples, tensors):
+        for (outputs,), n in BatchRunner(session, cfg.batch_size).run(samples, tensors):
             for name, value in outputs.items():
                 observers[name].update(value)
             seen += n

@@ -65,19 +65,18 @@ def batches(samples: Iterable[Feed], batch_size: int) -> Iterator[tuple[Feed, in
 
 
 class BatchRunner:
-    """Runs a session on batches; falls back to one sample at a time when the
-    model cannot take a batch (fixed batch dims inside the graph)."""
+    """Runs one or more sessions on the same batches; falls back to one sample at a
+    time when a model cannot take a batch (fixed batch dims inside the graph)."""
 
-    def __init__(self, session: ort.InferenceSession, batch_size: int):
-        self.session = session
+    def __init__(self, sessions: ort.InferenceSession | list[ort.InferenceSession], batch_size: int):
+        self.sessions = sessions if isinstance(sessions, list) else [sessions]
         self.batch_size = batch_size
-        self.names = [o.name for o in session.get_outputs()]
 
-    def run(self, samples: Iterable[Feed], outputs: list[str] | None = None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-        wanted = outputs or self.names
+    def run(self, samples: Iterable[Feed], outputs: list[str]) -> Iterator[tuple[list[dict[str, np.ndarray]], int]]:
+        """Yields ([outputs of each session], number of samples in the batch)."""
         for feed, n in batches(samples, self.batch_size):
             try:
-                yield dict(zip(wanted, self.session.run(wanted, feed))), n
+                yield [dict(zip(outputs, s.run(outputs, feed))) for s in self.sessions], n
                 continue
             except Exception:
                 if n == 1:
@@ -86,4 +85,4 @@ class BatchRunner:
                 self.batch_size = 1
             for i in range(n):
                 single = {k: v[i:i + 1] for k, v in feed.items()}
-                yield dict(zip(wanted, self.session.run(wanted, single))), 1
+                yield [dict(zip(outputs, s.run(outputs, single))) for s in self.sessions], 1

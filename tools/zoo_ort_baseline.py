@@ -9,7 +9,7 @@
     python tools/zoo_ort_baseline.py [names...] --sweep [--results FILE.jsonl]
         every configuration of ``SWEEP`` (each quantization in its own process,
         with a time limit), one JSON record per (model, config) appended to
-        FILE; ``--write-best tools/ort_best_configs.json`` then picks the best
+        FILE (configs already in FILE are skipped); ``--write-best tools/ort_best_configs.json`` then picks the best
         per model by ``HEADLINE`` from the records of FILE.
 
 Calibration: ``n_calib`` samples of ``TASKS[name].calib_feeds`` (the same for
@@ -44,7 +44,7 @@ _S8SYM = {"activation_type": "QInt8", "extra_options": {"ActivationSymmetric": T
 
 # Options of ``ort_quantize`` (JSON-able: enums by name).  per_channel=True
 # and QDQ always; every key left out keeps quantize_static's default.
-ORT_CONFIGS: dict[str, dict] = {
+_BASE: dict[str, dict] = {
     "defaults": {},
     "rr": {"reduce_range": True},
     "cmg": {"op_types_to_quantize": _CMG},
@@ -55,11 +55,31 @@ ORT_CONFIGS: dict[str, dict] = {
     "rr_percentile": {"reduce_range": True, "calibrate_method": "Percentile"},
     "s8sym": dict(_S8SYM),
     "rr_s8sym": {"reduce_range": True, **_S8SYM},
-    "s8": {"activation_type": "QInt8"},
     "rr_movavg": {"reduce_range": True, "extra_options": {"CalibMovingAverage": True}},
-    "rr_preproc": {"reduce_range": True, "pre_process": True},
 }
-SWEEP = list(ORT_CONFIGS)
+# "pp_*": the same after ORT's recommended ``quant_pre_process``.  It matters
+# for the Paddle models: their weights are Constant nodes, not initializers,
+# so without it the quantizer treats every weight as an activation
+# (per-tensor uint8 from calibration; per_channel / reduce_range do nothing).
+ORT_CONFIGS: dict[str, dict] = {**_BASE, **{f"pp_{k}": {"pre_process": True, **v}
+                                            for k, v in _BASE.items()}}
+# Winners of the sweep (tools/ort_best_configs.json has their metrics).
+ORT_CONFIGS.update({
+    "best_ppocr_rec": ORT_CONFIGS["pp_rr_cmg"],
+    "best_yolov8n": ORT_CONFIGS["rr_cmg"],
+    "best_ppocr_cls": ORT_CONFIGS["defaults"],
+    "best_orientation": ORT_CONFIGS["defaults"],
+    "best_ppocr_det": ORT_CONFIGS["pp_rr_movavg"],
+})
+# What --sweep runs per model (pruned where the defaults already match float).
+_PP = [f"pp_{k}" for k in _BASE]
+SWEEP: dict[str, list[str]] = {
+    "ppocr_rec": ["defaults", "rr", "cmg", *_PP],
+    "ppocr_det": ["defaults", "rr", "cmg", *_PP],
+    "yolov8n": [*_BASE, "pp_defaults", "pp_rr"],
+    "ppocr_cls": ["defaults", "rr", "pp_defaults", "pp_rr"],
+    "orientation": ["defaults", "rr", "pp_defaults", "pp_rr"],
+}
 
 # Ranking per model: compared as a tuple, first entry = headline metric.
 HEADLINE: dict[str, tuple[str, ...]] = {
@@ -85,7 +105,9 @@ def ort_quantize(model_path, feeds, out_path, **options) -> float:
     ({input: array[n, ...]}, one sample per calibration batch); returns the
     seconds it took.  *options*: quantize_static keyword arguments with enums
     given by name (``calibrate_method="Entropy"``, ``activation_type="QInt8"``)
-    plus ``pre_process=True`` to run ORT's ``quant_pre_process`` first."""
+    plus ``pre_process=True`` to run ORT's ``quant_pre_process`` first
+    (without symbolic shape inference, which fails on ppocr_rec), after
+    converting models of opset < 13 to opset 13."""
     opts = {"quant_format": QuantFormat.QDQ, "per_channel": True}
     for k, v in options.items():
         if k in ("activation_type", "weight_type") and isinstance(v, str):
@@ -101,10 +123,19 @@ def ort_quantize(model_path, feeds, out_path, **options) -> float:
     src = str(model_path)
     if opts.pop("pre_process", False):
         from onnxruntime.quantization.shape_inference import quant_pre_process
+        import onnx
         src = str(out_path) + ".pre.onnx"
-        quant_pre_process(str(model_path), src)
+        model = onnx.load(str(model_path))
+        if _opset(model) < 13:     # per-axis Q/DQ (per_channel) needs opset 13
+            model_path = str(out_path) + ".op13.onnx"
+            onnx.save(onnx.version_converter.convert_version(model, 13), model_path)
+        quant_pre_process(str(model_path), src, skip_symbolic_shape=True)
     quantize_static(src, str(out_path), _Reader(feeds), **opts)
     return time.perf_counter() - t0
+
+
+def _opset(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def config_options(name: str, config: str) -> dict:
@@ -206,7 +237,7 @@ def run_configs(name, configs, n_calib, out, timeout=None, log=None):
 
 
 def write_best(records, path):
-    """Best configuration per model (by HEADLINE, ties: faster quantize) and
+    """Best configuration per model (by HEADLINE, ties: the first tried) and
     the float and defaults metrics, from sweep records, as JSON to *path*."""
     best = {}
     for name, keys in HEADLINE.items():
@@ -214,8 +245,7 @@ def write_best(records, path):
         quant = [r for r in recs if r["config"] != "float"]
         if not quant:
             continue
-        win = max(quant, key=lambda r: (tuple(r["metrics"][k] for k in keys),
-                                        -(r["quantize_s"] or 0)))
+        win = max(quant, key=lambda r: tuple(r["metrics"][k] for k in keys))
         get = {r["config"]: r for r in recs}
         best[name] = {
             "headline": list(keys), "best_config": win["config"],
@@ -237,7 +267,7 @@ def main(argv=None) -> int:
                     help="ORT_CONFIGS name (repeatable; 'best' = best_<model>)")
     ap.add_argument("--options", default=None, help="ad hoc options as JSON")
     ap.add_argument("--label", default="adhoc", help="name of --options")
-    ap.add_argument("--sweep", action="store_true", help="every SWEEP config")
+    ap.add_argument("--sweep", action="store_true", help="the SWEEP configs")
     ap.add_argument("--timeout", type=float, default=1200,
                     help="seconds per quantization in --sweep")
     ap.add_argument("--results", default=None, help="append JSON records here")
@@ -254,18 +284,22 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in args.names or list(TASKS):
         if args.sweep:
-            configs = [(c, ORT_CONFIGS[c]) for c in SWEEP]
+            configs = [(c, ORT_CONFIGS[c]) for c in SWEEP[name]]
         else:
             configs = [(c, config_options(name, c)) for c in args.config]
         if args.options:
             configs.append((args.label, json.loads(args.options)))
         configs = configs or [("defaults", {})]
+        done = set()
+        if args.results and pathlib.Path(args.results).is_file():   # resume
+            done = {(r["model"], r["config"]) for r in map(json.loads, open(args.results))}
+        configs = [c for c in configs if (name, c[0]) not in done]
         timeout = args.timeout if args.sweep or args.options else None
         for rec in run_configs(name, configs, args.n_calib, out, timeout):
             res = _fmt(rec["metrics"]) if "metrics" in rec else "FAILED " + rec["error"]
             print(f"{name} {rec['config']}: {res}  (quantize {rec.get('quantize_s')}s,"
                   f" eval {rec.get('eval_s')}s)", flush=True)
-            if args.results:
+            if args.results and (name, rec["config"]) not in done:
                 with open(args.results, "a") as f:
                     f.write(json.dumps(rec) + "\n")
     return 0
