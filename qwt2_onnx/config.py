@@ -10,6 +10,7 @@ from typing import Literal
 Target = Literal["ort", "trt"]
 ActType = Literal["u8", "s8"]
 Method = Literal["minmax", "percentile", "entropy"]
+CwacTarget = Literal["auto", "global", "local"]
 
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -72,8 +73,36 @@ class CalibConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CwacConfig:
+    """QwT-v2 channel-wise affine compensation (see ``cwac_fit``).
+
+    ``target``: ``global`` (the float model's tensor), ``local`` (the float
+    layer on the quantized model's input) or ``auto`` (fit both, keep the one
+    with the lower held-out output error).  ``lam`` shrinks gains toward 1;
+    ``max_gain`` bounds |g| (channels beyond it are left alone);
+    ``holdout_fraction`` of the calibration samples judge every fit.
+    """
+
+    enabled: bool = True
+    target: CwacTarget = "auto"
+    lam: float = 0.0
+    max_gain: float = 4.0
+    holdout_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        from .errors import QwtError
+
+        if self.target not in ("auto", "global", "local"):
+            raise QwtError(f"unknown CWAC target '{self.target}'", fix="use --cwac-target auto, global or local")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise QwtError(f"CWAC held-out fraction {self.holdout_fraction} is not in (0, 1)",
+                           fix="pass a fraction such as 0.25")
+
+
+@dataclasses.dataclass(frozen=True)
 class CompileConfig:
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
+    cwac: CwacConfig = dataclasses.field(default_factory=CwacConfig)
     simplify: bool = True
     holdout_samples: int = 16  # calibration samples kept aside for the fidelity summary

@@ -1,22 +1,30 @@
-"""The staged CWAC fit (DESIGN.md §2): exact protocol, global or local targets.
+"""The staged CWAC fit (DESIGN.md §2): exact protocol, one pass over the model.
 
 Stages: a layer's stage is 1 + the largest stage of the quantized layers
 upstream of it, so layers in one stage have no path between them (q/k/v
 projections share a stage).  Stage s is fitted on the quantized model with
-every compensation of stages < s already applied (explicit Mul/Add), so no
-upstream error is compensated twice.
+every compensation of stages < s applied, so no upstream error is compensated
+twice.  Each stage runs only its graph segment, fed from the tensors cached
+by earlier stages (:mod:`qwt2_onnx.segments`): the result is that of
+re-running the whole prefix per stage, at the cost of about one pass.
 
-Per stage, one streaming pass over the calibration samples runs the *prefix*
-of the unfused quantized model that ends at the stage's compensation points,
-and (global target) the same prefix of the float model, accumulating five
-per-channel sums per layer.  Samples are split into a fit part and a held-out
-part; a layer whose fitted map does not lower its own error on the held-out
-part is left uncompensated (recorded).
+Targets (f in the least-squares fit of :mod:`qwt2_onnx.cwac`):
 
-Targets:
 * ``global``: f = the float model's tensor at the compensation point, same sample;
-* ``local``:  f = the float layer applied to the quantized model's own input
-  at that layer (corrects only the layer's own weight error).
+* ``local``:  f = the float layer (float weight and bias) applied to the
+  quantized model's own dequantized input at that layer: it corrects only the
+  layer's own weight (and bias) quantization error;
+* ``auto`` (default): fit both and keep the one with the lower output error.
+
+Gates, so that compensation never makes things worse silently.  The samples
+are split into a fit part and a held-out part (the last ``holdout_fraction``):
+
+1. per layer: a fitted map that does not lower the layer's own error on the
+   held-out part is dropped (``LayerFit.status`` says so);
+2. per model: each candidate (``global``, ``local``, none) is scored by the
+   graph outputs' error vs float on the held-out part (sum over outputs of
+   mean squared error / mean square of the float output); the lowest wins,
+   and "none" wins if no compensation pays.
 """
 from __future__ import annotations
 
@@ -30,32 +38,37 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .calib_data import CalibrationSet
+from .config import CwacConfig
 from .cwac import ChannelSums, Compensation, fit_affine
 from .graph_io import export_model
 from .passes.insert_compensation import InsertCompensationPass, compensation_point
 from .policy import QuantPlan
-from .runtime import BatchRunner, make_session
+from .runtime import batches, make_session
+from .segments import SegmentPlan, TensorCache
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class CwacConfig:
-    target: str = "global"  # or "local"
-    lam: float = 0.0
-    max_gain: float = 4.0
-    holdout_fraction: float = 0.25
-    batch_size: int = 8
 
 
 @dataclasses.dataclass
 class LayerFit:
     layer: str
     stage: int
-    status: str  # "compensated" | "rejected: ..." 
-    mse_before: float
+    status: str  # "compensated" | "rejected: <reason>"
+    mse_before: float  # the layer's own error on the held-out samples, vs its target
     mse_after: float
     stats: dict
+
+
+@dataclasses.dataclass
+class CwacFit:
+    """What the fit chose: ``compensations`` (empty when none pays) and why."""
+
+    compensations: dict[str, Compensation]
+    target: str  # the chosen candidate: "global", "local" or "none"
+    layers: list[LayerFit]  # of the chosen candidate
+    output_error: dict[str, float]  # candidate -> held-out output error (lower is better)
+    stages: int
+    seconds: float
 
 
 def layer_stages(graph: gs.Graph, layers: list[str]) -> dict[str, int]:
@@ -73,67 +86,210 @@ def layer_stages(graph: gs.Graph, layers: list[str]) -> dict[str, int]:
     return stages
 
 
-def _prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``outputs`` (which become its only outputs)."""
-    graph = gs.import_onnx(model)
-    tensors = graph.tensors()
-    graph.outputs = [tensors[name] for name in outputs]
-    for t in graph.outputs:
-        if t.dtype is None:
-            t.dtype = np.float32
-    graph.cleanup()
-    return export_model(graph)
+def _axis(op: str) -> int:
+    return 1 if op in ("Conv", "ConvTranspose") else -1
+
+
+def _identity(plan: QuantPlan, graph: gs.Graph) -> dict[str, Compensation]:
+    """g = 1, β = 0 for every layer: the unfused graph's structure, before any fit."""
+    nodes = {n.name: n for n in graph.nodes}
+    comps = {}
+    for lp in plan.layers:
+        c = nodes[lp.node].inputs[1].shape[lp.axis]
+        comps[lp.node] = Compensation(lp.node, np.ones(c, np.float32), np.zeros(c, np.float32), _axis(lp.op), "none", {})
+    return comps
+
+
+def _add_local_twins(graph: gs.Graph, plan: QuantPlan, float_consts: dict[str, np.ndarray]) -> dict[str, str]:
+    """For each layer a float copy reading the same (dequantized) input; -> layer: twin output name."""
+    nodes = {n.name: n for n in graph.nodes}
+    twins = {}
+    for lp in plan.layers:
+        node = nodes[lp.node]
+        inputs = [node.inputs[0], gs.Constant(f"{lp.weight}_cwac_local_w", float_consts[lp.weight])]
+        if lp.bias and lp.bias_node == lp.node:
+            inputs.append(gs.Constant(f"{lp.bias}_cwac_local_b", float_consts[lp.bias]))
+        y = gs.Variable(f"{lp.node}_cwac_local_y", dtype=np.float32)
+        graph.nodes.append(gs.Node(node.op, f"{lp.node}_cwac_local", dict(node.attrs), inputs, [y]))
+        if lp.bias and lp.bias_node != lp.node:  # MatMul -> Add(b)
+            add = nodes[lp.bias_node]
+            b = gs.Constant(f"{lp.bias}_cwac_local_b", float_consts[lp.bias])
+            out = gs.Variable(f"{lp.node}_cwac_local_yb", dtype=np.float32)
+            graph.nodes.append(gs.Node("Add", f"{lp.node}_cwac_local_add",
+                                       inputs=[y, b] if lp.bias_input == 1 else [b, y], outputs=[out]))
+            y = out
+        twins[lp.node] = y.name
+    return twins
+
+
+class _StagedFit:
+    """One candidate target's staged fit over cached segment boundaries."""
+
+    def __init__(self, float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan, cfg: CwacConfig,
+                 parts: "_Parts", target: str):
+        self.plan, self.cfg, self.parts, self.target = plan, cfg, parts, target
+        qgraph = gs.import_onnx(qmodel)
+        nodes = {n.name: n for n in qgraph.nodes}
+        self.layers = [lp.node for lp in plan.layers]
+        self.stages = layer_stages(qgraph, self.layers)
+        self.points = {name: compensation_point(nodes[name]).name for name in self.layers}
+        self.axes = {lp.node: _axis(lp.op) for lp in plan.layers}
+        InsertCompensationPass(_identity(plan, qgraph))(qgraph)
+        self.twins = {}
+        if target == "local":
+            consts = {t.name: onnx.numpy_helper.to_array(t) for t in float_model.graph.initializer}
+            self.twins = _add_local_twins(qgraph, plan, consts)
+        qgraph.toposort()
+        self.umodel = export_model(qgraph)
+        # the raw (pre-compensation) point: the compensation Mul's input, renamed if it was a graph output
+        muls = {n.name: n for n in self.umodel.graph.node}
+        self.raw = {name: muls[f"{name}_cwac_Mul"].input[0] for name in self.layers}
+        self.inits = {t.name: t for t in self.umodel.graph.initializer}
+        fgraph = gs.import_onnx(float_model)
+        self.fmodel = export_model(fgraph.toposort())
+
+    def run(self) -> tuple[dict[str, Compensation], list[LayerFit]]:
+        n_stages = max(self.stages.values(), default=0)
+        members = [[n for n in self.layers if self.stages[n] == s] for s in range(1, n_stages + 1)]
+        q_plan = SegmentPlan(self.umodel, [[self.raw[n] for n in m] + [self.twins[n] for n in m if n in self.twins]
+                                           for m in members])
+        f_plan = SegmentPlan(self.fmodel, [[self.points[n] for n in m] for m in members]) \
+            if self.target == "global" else None
+        comps, fits = {}, []
+        with TensorCache() as qcache, TensorCache() as fcache:
+            n_batches = self._seed_caches(qcache, fcache)
+            for k, names in enumerate(members):
+                sums = self._stage_sums(k, names, q_plan, f_plan, qcache, fcache, n_batches)
+                for name in names:
+                    fit = self._fit_layer(name, k + 1, sums)
+                    fits.append(fit)
+                    if fit.status == "compensated":
+                        comps[name] = fit.stats.pop("compensation")
+                        self._set_initializers(comps[name])
+                for plan_, cache in ((q_plan, qcache), (f_plan, fcache)):
+                    if plan_ is not None:
+                        for t in [t for t, last in plan_.last_use.items() if last == k]:
+                            cache.drop(t, n_batches)
+        return comps, fits
+
+    def _seed_caches(self, qcache: TensorCache, fcache: TensorCache) -> int:
+        b = 0
+        for part in (self.parts.fit, self.parts.hold):
+            for feed, _ in batches(part, self.parts.batch_size):
+                for name, value in feed.items():
+                    qcache.put(b, name, value)
+                    fcache.put(b, name, value)
+                b += 1
+            if part is self.parts.fit:
+                self.n_fit = b
+        return b
+
+    def _stage_sums(self, k, names, q_plan, f_plan, qcache, fcache, n_batches) -> dict[tuple[str, str], ChannelSums]:
+        qseg = q_plan.segments[k]
+        qsess = make_session(q_plan.extract(self.umodel, k, qcache.dtypes), optimized=False)
+        fsess = fseg = None
+        if f_plan is not None:
+            fseg = f_plan.segments[k]
+            fsess = make_session(f_plan.extract(self.fmodel, k, fcache.dtypes), optimized=True)
+        n_fit = self.n_fit
+        sums: dict[tuple[str, str], ChannelSums] = {}
+        for b in range(n_batches):
+            qout = dict(zip(qseg.outputs, qsess.run(list(qseg.outputs), {t: qcache.get(b, t) for t in qseg.inputs})))
+            if fsess is not None:
+                fout = dict(zip(fseg.outputs, fsess.run(list(fseg.outputs), {t: fcache.get(b, t) for t in fseg.inputs})))
+                for name in names:
+                    if self.points[name] in f_plan.last_use:
+                        fcache.put(b, self.points[name], fout[self.points[name]])
+            for name in names:
+                q = qout[self.raw[name]]
+                f = qout[self.twins[name]] if self.target == "local" else fout[self.points[name]]
+                key = ("fit" if b < n_fit else "hold", name)
+                if key not in sums:
+                    sums[key] = ChannelSums(q.shape[self.axes[name]], self.axes[name])
+                sums[key].update(q, f)
+                if self.raw[name] in q_plan.last_use:
+                    qcache.put(b, self.raw[name], q)
+        return sums
+
+    def _fit_layer(self, name: str, stage: int, sums) -> LayerFit:
+        fit_sums = sums[("fit", name)]
+        hold_sums = sums.get(("hold", name), fit_sums)
+        g, beta, stats = fit_affine(fit_sums, self.cfg.lam, self.cfg.max_gain)
+        before, after = hold_sums.mse(), hold_sums.mse(g, beta)
+        if not after < before:
+            return LayerFit(name, stage, "rejected: no held-out improvement", before, after, stats)
+        stats["compensation"] = Compensation(name, g, beta, self.axes[name], self.target, dict(stats))
+        return LayerFit(name, stage, "compensated", before, after, stats)
+
+    def _set_initializers(self, comp: Compensation) -> None:
+        for suffix, value in (("gain", comp.gain), ("bias", comp.bias)):
+            t = self.inits[f"{comp.layer}_cwac_{suffix}"]
+            shape = tuple(t.dims)
+            t.CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32).reshape(shape), t.name))
+
+
+@dataclasses.dataclass
+class _Parts:
+    """The fit part and the held-out part of the calibration set (streamed, not stored)."""
+
+    fit: CalibrationSet
+    hold: CalibrationSet
+    batch_size: int
+
+    @classmethod
+    def split(cls, data: CalibrationSet, cfg: CwacConfig, batch_size: int) -> "_Parts":
+        n = data.length if data.length is not None else sum(1 for _ in data)
+        n_hold = max(1, int(round(n * cfg.holdout_fraction))) if n >= 4 else 0
+        hold = data.take(n - n_hold, n) if n_hold else data.take(0, n)
+        return cls(data.take(0, n - n_hold), hold, batch_size)
+
+
+def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> float:
+    """Σ over graph outputs of MSE(model, float) / mean(float²), simulated, on ``feeds``."""
+    ref, cand = make_session(float_model, optimized=True), make_session(model, optimized=False)
+    names = [o.name for o in ref.get_outputs()]
+    err = {n: 0.0 for n in names}
+    power = {n: 0.0 for n in names}
+    for feed, _ in batches(data, batch_size):
+        for n, r, c in zip(names, ref.run(names, feed), cand.run(names, feed)):
+            r64, c64 = r.astype(np.float64), c.astype(np.float64)
+            err[n] += float(np.sum((c64 - r64) ** 2))
+            power[n] += float(np.sum(r64 ** 2))
+    return float(sum(err[n] / max(power[n], 1e-30) for n in names))
+
+
+def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan, data: CalibrationSet,
+                      cfg: CwacConfig = CwacConfig(), batch_size: int = 8,
+                      progress: Callable[[int, int], None] | None = None) -> CwacFit:
+    """Fit CWAC for ``plan``'s layers of ``qmodel`` (plain QDQ) against ``float_model``."""
+    t0 = time.perf_counter()
+    parts = _Parts.split(data, cfg, batch_size)
+    first = next(batches(parts.fit, batch_size), None)
+    if first is None:
+        return CwacFit({}, "none", [], {}, 0, 0.0)
+    try:
+        make_session(float_model).run(None, first[0])
+    except Exception:
+        logger.info("model does not run on a batch; fitting one sample at a time")
+        parts.batch_size = 1
+    candidates = ("global", "local") if cfg.target == "auto" else (cfg.target,)
+    scores = {"none": output_error(float_model, qmodel, parts.hold, parts.batch_size)}
+    results: dict[str, tuple] = {"none": ({}, [])}
+    for target in candidates:
+        fitter = _StagedFit(float_model, qmodel, plan, cfg, parts, target)
+        comps, fits = fitter.run()
+        results[target] = (comps, fits)
+        scores[target] = (output_error(float_model, _unfused(qmodel, comps), parts.hold, parts.batch_size)
+                          if comps else scores["none"])
+        logger.info("cwac %s: %d/%d layers compensated, held-out output error %.4g (none: %.4g)", target,
+                    len(comps), len(fits), scores[target], scores["none"])
+        if progress:
+            progress(1, len(candidates))
+    best = min(scores, key=lambda t: (scores[t], t != "none"))
+    comps, fits = results[best]
+    n_stages = max(layer_stages(gs.import_onnx(qmodel), [lp.node for lp in plan.layers]).values(), default=0)
+    return CwacFit(comps, best, fits or results[candidates[0]][1], scores, n_stages, time.perf_counter() - t0)
 
 
 def _unfused(qmodel: onnx.ModelProto, comps: dict[str, Compensation]) -> onnx.ModelProto:
-    if not comps:
-        return qmodel
     return export_model(InsertCompensationPass(comps)(gs.import_onnx(qmodel)).graph)
-
-
-def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan,
-                      data: CalibrationSet, cfg: CwacConfig = CwacConfig(),
-                      progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, Compensation], list[LayerFit]]:
-    qgraph = gs.import_onnx(qmodel)
-    nodes = {n.name: n for n in qgraph.nodes}
-    layers = [lp.node for lp in plan.layers]
-    stages = layer_stages(qgraph, layers)
-    points = {name: compensation_point(nodes[name]).name for name in layers}
-    axes = {lp.node: 1 if lp.op in ("Conv", "ConvTranspose") else -1 for lp in plan.layers}
-    n = data.length or sum(1 for _ in data)
-    n_hold = max(1, int(round(n * cfg.holdout_fraction))) if n >= 4 else 0
-    fit_part, hold_part = data.take(0, n - n_hold), data.take(n - n_hold, n)
-    comps: dict[str, Compensation] = {}
-    fits: list[LayerFit] = []
-    n_stages = max(stages.values(), default=0)
-    for s in range(1, n_stages + 1):
-        t0 = time.perf_counter()
-        members = [name for name in layers if stages[name] == s]
-        outs = [points[name] for name in members]
-        qsess = make_session(_prefix(_unfused(qmodel, comps), outs), optimized=False)
-        fsess = make_session(_prefix(float_model, outs), optimized=True)
-        sums = {}
-        for part_name, part in (("fit", fit_part), ("hold", hold_part)):
-            for name in members:
-                sums[(part_name, name)] = None
-            for (qout, fout), _ in BatchRunner([qsess, fsess], cfg.batch_size).run(part, outs):
-                for name, point in zip(members, outs):
-                    q, f = qout[point], fout[point]
-                    key = (part_name, name)
-                    if sums[key] is None:
-                        sums[key] = ChannelSums(q.shape[axes[name]], axes[name])
-                    sums[key].update(q, f)
-        for name in members:
-            fit_sums, hold_sums = sums[("fit", name)], sums[("hold", name)] or sums[("fit", name)]
-            g, beta, stats = fit_affine(fit_sums, cfg.lam, cfg.max_gain)
-            before, after = hold_sums.mse(), hold_sums.mse(g, beta)
-            if after < before:
-                comps[name] = Compensation(name, g, beta, axes[name], cfg.target, stats)
-                status = "compensated"
-            else:
-                status = "rejected: no held-out improvement"
-            fits.append(LayerFit(name, s, status, before, after, stats))
-        logger.debug("stage %d/%d: %d layers, %.2fs", s, n_stages, len(members), time.perf_counter() - t0)
-        if progress:
-            progress(1, n_stages)
-    return comps, fits

@@ -21,20 +21,22 @@ class FidelityReport:
     deployed: dict[str, ErrorStats]
     samples: int
     held_out: bool
+    baseline: dict[str, ErrorStats] | None = None  # the plain QDQ model (no CWAC), simulated
 
 
 def measure_fidelity(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, data: CalibrationSet,
-                     batch_size: int, held_out: bool) -> FidelityReport:
+                     batch_size: int, held_out: bool, baseline: onnx.ModelProto | None = None) -> FidelityReport:
     ref = make_session(float_model, optimized=True)
-    sim = make_session(qmodel, optimized=False)
-    dep = make_session(qmodel, optimized=True)
+    sessions = {"simulated": make_session(qmodel, optimized=False), "deployed": make_session(qmodel, optimized=True)}
+    if baseline is not None:
+        sessions["baseline"] = make_session(baseline, optimized=False)
     names = [o.name for o in ref.get_outputs()]
-    stats = {kind: {n: ErrorStats() for n in names} for kind in ("simulated", "deployed")}
+    stats = {kind: {n: ErrorStats() for n in names} for kind in sessions}
     count = 0
     for feed, n in batches(data, 1):
         r = ref.run(names, feed)
-        for kind, sess in (("simulated", sim), ("deployed", dep)):
+        for kind, sess in sessions.items():
             for name, a, b in zip(names, r, sess.run(names, feed)):
                 stats[kind][name].update(a, b)
         count += n
-    return FidelityReport(stats["simulated"], stats["deployed"], count, held_out)
+    return FidelityReport(stats["simulated"], stats["deployed"], count, held_out, stats.get("baseline"))

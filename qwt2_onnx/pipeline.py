@@ -1,7 +1,8 @@
 """``compile_model``: the stages of DESIGN.md, top to bottom.
 
     load ─► normalize ─► simplify ─► fold BN ─► plan ─► calibrate ─► insert Q/DQ
-         ─► lint (trt) ─► write ─► onnxruntime fusion report ─► fidelity summary
+         ─► fit CWAC ─► fold CWAC (fused vs unfused check) ─► lint (trt) ─► write
+         ─► onnxruntime fusion report ─► fidelity summary
 
 Each stage's failure is re-raised as a ``StageError`` naming the stage.
 """
@@ -20,11 +21,14 @@ import onnx_graphsurgeon as gs
 from .calib_data import CalibrationSet, InputSpec, open_calibration
 from .calibrate import collect_ranges
 from .config import CompileConfig
+from .cwac import build_graphs
+from .cwac_fit import CwacFit, fit_compensations
 from .errors import QwtError, StageError
 from .graph_io import export_model
 from .fidelity import FidelityReport, measure_fidelity
 from .inspect_ort import FusionReport, fusion_report
 from .model_io import load_model, save_model_atomic
+from .equivalence import check_fold
 from .passes.fold_batchnorm import FoldBatchNormPass
 from .passes.insert_qdq import InsertQDQPass
 from .passes.normalize import NormalizePass
@@ -33,6 +37,8 @@ from .passes.trt_lint import TrtLintPass
 from .policy import QuantPlan, plan_quantization
 
 logger = logging.getLogger(__name__)
+
+FOLD_TOLERANCE = 1e-5  # fused vs unfused, same activation codes, max relative difference at any output
 
 
 @dataclasses.dataclass
@@ -45,6 +51,8 @@ class CompileResult:
     fusion: FusionReport | None
     fidelity: FidelityReport | None
     seconds: dict[str, float]
+    cwac: CwacFit | None = None
+    plain_model: onnx.ModelProto | None = None  # the plain QDQ model (before CWAC)
 
 
 @contextlib.contextmanager
@@ -73,8 +81,10 @@ def split_holdout(data: CalibrationSet, holdout: int) -> tuple[CalibrationSet, C
 
 def compile_model(model_path: str | Path, calib, output_path: str | Path, config: CompileConfig = CompileConfig(),
                   *, image_preprocess=None, progress: Callable[[int, int | None], None] | None = None,
-                  measure: bool = True) -> CompileResult:
-    """Compile a float ONNX model into a deployable QDQ model (see module doc)."""
+                  measure: bool = True, unfused_path: str | Path | None = None) -> CompileResult:
+    """Compile a float ONNX model into a deployable QDQ model (see module doc).
+
+    ``unfused_path``: also write the unfused graph (explicit CWAC Mul/Add ops)."""
     qcfg = config.quant
     seconds: dict[str, float] = {}
     stages: dict[str, dict] = {}
@@ -109,6 +119,25 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
         ranges = collect_ranges(float_model, plan.activation_tensors, calib_part, config.calib, progress)
     with _stage("insert_qdq", seconds):
         stages["insert_qdq"] = InsertQDQPass(plan, ranges, qcfg)(graph).stats
+        plain = export_model(graph)
+    cwac, unfused = None, plain
+    if config.cwac.enabled:
+        with _stage("cwac_fit", seconds):
+            cwac = fit_compensations(float_model, plain, plan, calib_part, config.cwac, config.calib.batch_size)
+            stages["cwac_fit"] = {"target": cwac.target, "compensated": len(cwac.compensations),
+                                  "layers": len(plan.layers), "stages": cwac.stages,
+                                  "output_error": {k: round(v, 8) for k, v in cwac.output_error.items()}}
+        with _stage("fold", seconds):
+            unfused, fused, fold_stats = build_graphs(plain, cwac.compensations)
+            check = check_fold(fused, unfused, eval_part, config.calib.batch_size)
+            fold_stats["check"] = dataclasses.asdict(check)
+            stages["fold"] = fold_stats
+            if check.worst_forced > FOLD_TOLERANCE:
+                raise QwtError("the folded graph does not compute what the unfused graph computes",
+                               notes=[f"{o}: max relative difference {d:.3g} > {FOLD_TOLERANCE:g}"
+                                      for o, d in check.forced_max_rel.items()],
+                               fix="report this as a bug; --no-cwac writes the plain QDQ model meanwhile")
+            graph = gs.import_onnx(fused)
     with _stage("lint", seconds):
         if qcfg.target == "trt":
             violations = TrtLintPass()(graph).stats["violations"]
@@ -120,10 +149,14 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
         onnx.checker.check_model(qmodel, full_check=True)
     with _stage("write", seconds):
         save_model_atomic(qmodel, output_path)
+        if unfused_path is not None:
+            save_model_atomic(unfused, Path(unfused_path))
     fusion = fidelity = None
     if measure:
         with _stage("inspect", seconds):
             fusion = fusion_report(qmodel, {lp.node: lp.weight for lp in plan.layers})
         with _stage("fidelity", seconds):
-            fidelity = measure_fidelity(float_model, qmodel, eval_part, config.calib.batch_size, held_out)
-    return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds)
+            fidelity = measure_fidelity(float_model, qmodel, eval_part, config.calib.batch_size, held_out,
+                                        baseline=plain if cwac and cwac.compensations else None)
+    return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds, cwac, plain)
+

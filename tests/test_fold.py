@@ -54,10 +54,10 @@ def test_fold_matches_unfused(tmp_path_factory, model, target, wbits, kinds, see
     res = compile_model(tmp / "m.onnx", calib, tmp / "q.onnx", CompileConfig(quant=QuantConfig(target=target, wbits=wbits)),
                         measure=False)
     comps = _random_comps(res, rng, kinds)
-    unfused, fused, stats = build_graphs(res.model, comps)
+    unfused, fused, stats = build_graphs(res.plain_model, comps)
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
     if not stats["inserted_ops"]:
-        assert ops(fused) == ops(res.model)
+        assert ops(fused) == ops(res.plain_model)
     onnx.checker.check_model(fused, full_check=True)
     x = {"x": rng.normal(size=(5, *shape)).astype(np.float32)}
     for a, b in zip(_run(unfused, x), _run(fused, x)):

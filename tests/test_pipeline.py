@@ -40,10 +40,11 @@ def test_compile_structure_and_numerics(tiny, tmp_path):
     onnx.checker.check_model(q, full_check=True)
     ops = Counter(n.op_type for n in q.graph.node)
     assert ops["BatchNormalization"] == 0
-    # 4 layers: 4 weight DQ, 3 int32 bias DQ (conv1 has a bias after the BN fold, gemm has one, bias-less
-    # conv2 gets a zero bias; MatMul has none), activations x, r1 (shared by conv2 and the Add),
-    # c2 (conv2's output point), f, g1
-    assert ops["QuantizeLinear"] == 5 and ops["DequantizeLinear"] == 4 + 3 + 5
+    # 4 layers: 4 weight DQ, 4 int32 bias DQ (conv1 has a bias after the BN fold, gemm has one, bias-less
+    # conv2 gets a zero bias, the 2-D bias-free MatMul a zero-bias Add), activations x, r1 (shared by conv2
+    # and the Add), c2 (conv2's output point), f, g1
+    assert ops["QuantizeLinear"] == 5 and ops["DequantizeLinear"] == 4 + 4 + 5
+    assert ops["Add"] == 2  # the model's residual Add and mm's bias Add
     assert len(res.fusion.integer) == 4, res.fusion.float_
     x = np.random.default_rng(7).normal(size=(20, 3, 8, 8)).astype(np.float32)
     ref = run(conv_net(), x, True)

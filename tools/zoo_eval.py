@@ -24,15 +24,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnxruntime as ort  # noqa: E402
 
+from collections import Counter  # noqa: E402
+
 from qwt2_onnx import CalibConfig, CompileConfig, QuantConfig, compile_model  # noqa: E402
+from qwt2_onnx.config import CwacConfig  # noqa: E402
 from zoo import fetch_model  # noqa: E402
 from zoo_tasks import TASKS  # noqa: E402
 
-VARIANTS = {
+_QUANT = {
     "w8a8-ort": QuantConfig(target="ort", wbits=8),
     "w8a8-trt": QuantConfig(target="trt", wbits=8),
     "w4a8-ort": QuantConfig(target="ort", wbits=4),
 }
+# "<bits>-<target>": the default compile (CWAC on, target auto); "-plain": --no-cwac;
+# "-global" / "-local": CWAC with that target only.
+VARIANTS: dict[str, tuple[QuantConfig, CwacConfig]] = {}
+for _k, _q in _QUANT.items():
+    VARIANTS[_k] = (_q, CwacConfig())
+    VARIANTS[f"{_k}-plain"] = (_q, CwacConfig(enabled=False))
+    VARIANTS[f"{_k}-global"] = (_q, CwacConfig(target="global"))
+    VARIANTS[f"{_k}-local"] = (_q, CwacConfig(target="local"))
+DEFAULT_VARIANTS = [v for k in _QUANT for v in (k, f"{k}-plain")]
 
 
 def session(path: str, optimized: bool) -> ort.InferenceSession:
@@ -50,12 +62,20 @@ def evaluate_ours(name: str, variant: str, n_calib: int, workdir: Path, calib: C
     samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(n_calib)]
     out = workdir / f"{name}.{variant}.onnx"
     t0 = time.perf_counter()
-    res = compile_model(model, samples, out, CompileConfig(quant=VARIANTS[variant], calib=calib, holdout_samples=0))
+    quant, cwac = VARIANTS[variant]
+    res = compile_model(model, samples, out, CompileConfig(quant=quant, calib=calib, cwac=cwac, holdout_samples=0))
     compile_s = time.perf_counter() - t0
     fsess = session(str(model), True)
+    ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
     row = {"model": name, "variant": variant, "n_calib": n_calib, "compile_s": round(compile_s, 1),
            "layers": len(res.plan.layers), "float_layers": len(res.plan.skipped),
-           "integer_kernels": len(res.fusion.integer), "fusion": res.fusion.summary()}
+           "integer_kernels": len(res.fusion.integer), "fusion": res.fusion.summary(),
+           "seconds": res.seconds, "op_histogram_equal_plain": ops(res.model) == ops(res.plain_model)}
+    if res.cwac is not None:
+        row["cwac"] = {**res.stages["cwac_fit"], "fit_s": round(res.cwac.seconds, 1),
+                       "fold_check": res.stages["fold"]["check"],
+                       "inserted_ops": res.stages["fold"]["inserted_ops"],
+                       "strategies": dict(Counter(res.stages["fold"]["strategies"].values()))}
     row["simulated"] = task.evaluate(session(str(out), False), fsess)
     row["deployed"] = task.evaluate(session(str(out), True), fsess)
     return row
@@ -70,7 +90,7 @@ def float_metrics(name: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--json", type=Path, default=Path("docs/zoo_results.json"))
     args = ap.parse_args(argv)

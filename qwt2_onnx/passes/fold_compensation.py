@@ -72,6 +72,19 @@ def bias_slot(node: gs.Node) -> tuple[gs.Node, int] | None:
     return None
 
 
+def folded_weight_scale(node: gs.Node, gain: np.ndarray) -> np.ndarray:
+    """s_w' = |g|·s_w per channel (s_w where g = 0), float32 as stored."""
+    s_w = _values(_producer(node.inputs[1], "DequantizeLinear").inputs[1])
+    return np.where(gain == 0, s_w, s_w * np.abs(gain)).astype(np.float32)
+
+
+def folded_bias_scale(node: gs.Node, w_scale: np.ndarray) -> np.ndarray:
+    """The int32 bias scale of the folded layer: exactly float32(s_x·s_w'[c]), as the inserter writes it
+    (onnxruntime's QLinearConv/QGemm fusion recomputes it that way and keeps only the int32 values)."""
+    s_x = np.float32(_values(_producer(node.inputs[0], "DequantizeLinear").inputs[1]))
+    return (s_x * w_scale).astype(np.float32)
+
+
 def snap_bias(node: gs.Node, comp: Compensation) -> np.ndarray:
     """β adjusted so that g·b + β lies exactly on the int32 bias grid of the folded layer."""
     slot = bias_slot(node)
@@ -83,8 +96,7 @@ def snap_bias(node: gs.Node, comp: Compensation) -> np.ndarray:
         return comp.bias
     b_int, b_scale = _values(dq.inputs[0]).astype(np.float64), _values(dq.inputs[1]).astype(np.float64)
     b = b_int * b_scale
-    new_scale = b_scale * np.where(comp.gain == 0, 1.0, np.abs(comp.gain.astype(np.float64)))
-    new_scale = new_scale.astype(np.float32).astype(np.float64)
+    new_scale = folded_bias_scale(node, folded_weight_scale(node, comp.gain)).astype(np.float64)
     target = np.round((comp.gain * b + comp.bias) / new_scale) * new_scale
     return (target - comp.gain.astype(np.float64) * b).astype(np.float32)
 
@@ -106,8 +118,9 @@ class FoldCompensationPass:
                 strategies[layer] = f"skipped: {reason}"
                 logger.debug("not folding %s: %s", layer, reason)
                 continue
-            self._fold_gain(node, comp.gain)
-            strategies[layer] = self._fold_bias(graph, node, comp, inserted)
+            w_scale = folded_weight_scale(node, comp.gain)
+            strategies[layer] = self._fold_bias(graph, node, comp, w_scale, inserted)
+            self._fold_gain(node, comp.gain, w_scale)
         if inserted:
             graph.cleanup().toposort()
         return PassResult(graph, bool(strategies), {"strategies": strategies, "skipped": dict(skipped),
@@ -136,7 +149,7 @@ class FoldCompensationPass:
         return None
 
     @staticmethod
-    def _fold_gain(node: gs.Node, gain: np.ndarray) -> None:
+    def _fold_gain(node: gs.Node, gain: np.ndarray, w_scale: np.ndarray) -> None:
         dq = _producer(node.inputs[1], "DequantizeLinear")
         w, scale = dq.inputs[0], dq.inputs[1]
         axis = int(dq.attrs.get("axis", 1)) % len(w.shape)
@@ -146,11 +159,11 @@ class FoldCompensationPass:
         keep = (gain != 0).reshape(shape)
         w_q = _values(w)
         w.values = (w_q.astype(np.int8) * sign * keep).astype(w_q.dtype)
-        s = _values(scale)
-        scale.values = np.where(gain == 0, s, s * np.abs(gain)).astype(np.float32)
+        scale.values = w_scale
 
     @staticmethod
-    def _fold_bias(graph: gs.Graph, node: gs.Node, comp: Compensation, inserted: list[str]) -> str:
+    def _fold_bias(graph: gs.Graph, node: gs.Node, comp: Compensation, w_scale: np.ndarray,
+                   inserted: list[str]) -> str:
         slot = bias_slot(node)
         g, beta = comp.gain.astype(np.float64), comp.bias.astype(np.float64)
         if slot is None:
@@ -170,7 +183,7 @@ class FoldCompensationPass:
             return "gain->weight scale, beta->float bias"
         b_int, b_scale = dq.inputs[0], dq.inputs[1]
         b = _values(b_int).astype(np.float64) * _values(b_scale).astype(np.float64)
-        new_scale = (_values(b_scale) * np.where(g == 0, 1.0, np.abs(g))).astype(np.float32)
+        new_scale = folded_bias_scale(node, w_scale)
         q = np.round((g * b + beta) / new_scale.astype(np.float64))
         lim = np.iinfo(np.int32)
         b_int.values = np.clip(q, lim.min, lim.max).astype(np.int32)

@@ -10,8 +10,12 @@ For every planned layer (activation ``x``, weight ``W``, bias ``b``)::
   output-channel axis (``axis`` from the plan), zero point 0;
 * ``--target ort``: the bias becomes int32 with scale exactly ``s_x*s_w[c]``;
   ``--target trt``: the bias stays float (TensorRT rejects an int32-bias DQ);
-* a Conv/ConvTranspose/Gemm without a bias gets a zero bias, so that CWAC's
-  fold always has a bias slot and the folded graph keeps the op histogram;
+* a Conv/ConvTranspose/Gemm without a bias gets a zero bias, and a MatMul
+  without a following bias Add gets a zero-bias ``Add`` (its output keeps the
+  MatMul's output name), so that CWAC's fold always has a bias slot and the
+  folded graph keeps the op histogram of this one.  For a 2-D MatMul on the
+  ort target that bias is int32, like any MatMul+Add bias (onnxruntime turns
+  the pair into QGemm);
 * activation tensors get per-tensor Q/DQ.  Consumers that are planned layers
   read the DQ output; when the tensor is a layer's *output point* every
   consumer reads it (otherwise onnxruntime could not fuse the producer).
@@ -60,11 +64,18 @@ class InsertQDQPass:
             s_x = qparams[lp.activation].scale
             s_w = self._quantize_weight(graph, node, lp.axis)
             bias_node, bias_input = (nodes[lp.bias_node], lp.bias_input) if lp.bias else (node, 2)
-            if lp.bias is None and lp.op != "MatMul":
+            int32_bias = lp.op != "MatMul" or lp.bias is not None
+            if lp.bias is None:
                 # a zero bias gives CWAC a slot to fold into without changing the op histogram
-                node.inputs.append(gs.Constant(f"{node.name}_bias", np.zeros(s_w.shape, np.float32)))
+                zero = gs.Constant(f"{node.name}_bias", np.zeros(s_w.shape, np.float32))
+                if lp.op == "MatMul":
+                    bias_node, bias_input = self._add_bias_add(graph, node, zero), 1
+                    x = node.inputs[0]
+                    int32_bias = x.shape is not None and len(x.shape) == 2
+                else:
+                    node.inputs.append(zero)
                 stats["zero_bias_added"] += 1
-            if (lp.bias is not None or lp.op != "MatMul") and self.cfg.target == "ort":
+            if int32_bias and self.cfg.target == "ort":
                 stats["bias_clipped"] += self._quantize_bias(graph, bias_node, bias_input, s_x, s_w)
             stats["layers"] += 1
         graph.cleanup().toposort()
@@ -82,6 +93,16 @@ class InsertQDQPass:
             for i, inp in enumerate(reader.inputs):
                 if inp is t:
                     reader.inputs[i] = dq
+
+    @staticmethod
+    def _add_bias_add(graph: gs.Graph, node: gs.Node, bias: gs.Constant) -> gs.Node:
+        """MatMul -> y  becomes  MatMul -> y_matmul -> Add(bias) -> y."""
+        y = node.outputs[0]
+        raw = gs.Variable(f"{y.name}_matmul", dtype=y.dtype, shape=y.shape)
+        node.outputs[0] = raw
+        add = gs.Node("Add", f"{node.name}_bias_Add", inputs=[raw, bias], outputs=[y])
+        graph.nodes.append(add)
+        return add
 
     def _quantize_weight(self, graph: gs.Graph, node: gs.Node, axis: int) -> np.ndarray:
         w = node.inputs[1]

@@ -1,0 +1,144 @@
+"""Run a graph stage by stage, each stage fed from tensors cached by earlier ones.
+
+The staged CWAC fit needs, for stage k, tensors at the stage-k compensation
+points computed by a model in which stages < k are already compensated.
+Re-running the whole prefix of the model per stage costs O(stages) passes.
+Instead, stage k runs only its *segment*: the nodes needed to compute its
+outputs, walking back from them and stopping at tensors an earlier stage
+already computed (or at the graph inputs)::
+
+    inputs ─► [segment 1] ─► p1 ─┐                     (p_k: stage-k points,
+          └───────────────────── ┼─► [segment 2] ─► p2   cached per batch)
+                                 └────────────────────► [segment 3] ─► p3
+
+Everything downstream of a cached point (e.g. the compensation Mul/Add of the
+previous stage, a Relu, a residual Add) is recomputed in the segment that
+needs it, from the cached point, so each segment sees exactly what the full
+model would compute there: the fit is the same as with whole-prefix runs.
+
+The segment structure depends only on the graph, so it is planned once
+(:class:`SegmentPlan`); initializer values (fitted gains and biases) may
+change between stages and are read when a segment is extracted.
+:class:`TensorCache` keeps the cached tensors on disk, one file per batch and
+tensor, and drops each one after the last segment that reads it, so memory is
+bounded by one batch whatever the size of the calibration set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names read inside a node's subgraph attributes (If/Loop/Scan bodies)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.update(i for i in n.input if i)
+                names |= _subgraph_inputs(n)
+    return names
+
+
+def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    return {i for i in node.input if i} | _subgraph_inputs(node)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    nodes: tuple[int, ...]  # indices into the model's node list, in topological order
+    inputs: tuple[str, ...]  # tensors fed from the cache or the graph inputs
+    outputs: tuple[str, ...]
+
+
+class SegmentPlan:
+    """The segment of each stage of ``model`` (its node list must be topologically sorted)."""
+
+    def __init__(self, model: onnx.ModelProto, stage_outputs: list[list[str]]):
+        graph = model.graph
+        self.producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+        constants = {t.name for t in graph.initializer}
+        graph_inputs = {i.name for i in graph.input} - constants
+        available = set(graph_inputs)
+        self.segments: list[Segment] = []
+        for outputs in stage_outputs:
+            nodes, inputs = set(), set()
+            stack = [o for o in outputs if o not in available]
+            inputs.update(o for o in outputs if o in available)
+            seen = set(stack)
+            while stack:
+                name = stack.pop()
+                idx = self.producer.get(name)
+                if idx is None:
+                    if name not in constants:
+                        raise KeyError(f"tensor {name!r} has no producer")
+                    continue
+                nodes.add(idx)
+                for i in _node_inputs(graph.node[idx]):
+                    if i in available:
+                        inputs.add(i)
+                    elif i not in seen:
+                        seen.add(i)
+                        stack.append(i)
+            self.segments.append(Segment(tuple(sorted(nodes)), tuple(sorted(inputs)), tuple(outputs)))
+            available.update(outputs)
+        last: dict[str, int] = {}
+        for k, seg in enumerate(self.segments):
+            for name in seg.inputs:
+                last[name] = k
+        self.last_use = last  # cached tensor -> index of the last segment that reads it
+
+    def extract(self, model: onnx.ModelProto, k: int, input_types: dict[str, np.dtype]) -> onnx.ModelProto:
+        """Segment ``k`` of ``model`` (current initializer values) as a standalone model."""
+        seg = self.segments[k]
+        src = model.graph
+        nodes = [src.node[i] for i in seg.nodes]
+        used = set().union(*(_node_inputs(n) for n in nodes)) if nodes else set()
+        inits = [t for t in src.initializer if t.name in used]
+        inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(input_types[n])), None)
+                  for n in seg.inputs]
+        outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in seg.outputs]
+        graph = helper.make_graph(nodes, f"segment_{k}", inputs, outputs, initializer=inits)
+        out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        out.functions.extend(model.functions)
+        return out
+
+
+class TensorCache:
+    """Tensors per (batch, name) in a temporary directory; ``close()`` removes it."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="qwt2_segments_"))
+        self._ids: dict[str, int] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+
+    def _path(self, batch: int, name: str) -> Path:
+        idx = self._ids.setdefault(name, len(self._ids))
+        return self.root / f"{batch}_{idx}.npy"
+
+    def put(self, batch: int, name: str, value: np.ndarray) -> None:
+        self.dtypes[name] = value.dtype
+        np.save(self._path(batch, name), value, allow_pickle=False)
+
+    def get(self, batch: int, name: str) -> np.ndarray:
+        return np.load(self._path(batch, name), allow_pickle=False)
+
+    def drop(self, name: str, batches: int) -> None:
+        for b in range(batches):
+            self._path(b, name).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "TensorCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
