@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .calib_data import ImagePreprocess, InputSpec, random_calibration
-from .config import CalibConfig, CompileConfig, QuantConfig
+from .config import CalibConfig, CompileConfig, CwacConfig, QuantConfig
 from .errors import QwtError
 from .model_io import load_model
 
@@ -56,6 +56,12 @@ def main(verbose: int) -> None:
 @click.option("--max-samples", type=int, default=None)
 @click.option("--exclude", multiple=True, help="Node name, glob, or re:REGEX to keep in float (repeatable).")
 @click.option("--exclude-op", multiple=True, help="Op type to keep in float (repeatable).")
+@click.option("--no-cwac", is_flag=True, help="Plain PTQ: no QwT-v2 compensation.")
+@click.option("--cwac-target", type=click.Choice(["auto", "global", "local"]), default="auto", show_default=True,
+              help="CWAC fit target; auto fits both and keeps the one with the lower held-out output error.")
+@click.option("--cwac-lambda", type=float, default=0.0, show_default=True, help="Shrink CWAC gains toward 1.")
+@click.option("--emit-unfused", type=click.Path(path_type=Path), default=None,
+              help="Also write the unfused graph (explicit CWAC Mul/Add ops) here.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--image-size", default=None, help="Image folders: H,W.")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
@@ -64,7 +70,8 @@ def main(verbose: int) -> None:
 @click.option("--scale", type=float, default=1 / 255, show_default=True)
 @click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
 def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abits, full_range_weights,
-                calib_method, percentile, batch_size, max_samples, exclude, exclude_op, no_simplify,
+                calib_method, percentile, batch_size, max_samples, exclude, exclude_op, no_cwac, cwac_target,
+                cwac_lambda, emit_unfused, no_simplify,
                 image_size, layout, mean, std, scale, channel_order) -> None:
     """Compile MODEL (float ONNX) into a QDQ model.  Without MODEL: the embedded digits CNN."""
     from . import default_model
@@ -81,7 +88,10 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
                            avx2_safe_weights=not full_range_weights,
                            exclude_names=tuple(exclude), exclude_op_types=tuple(exclude_op))
         config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples),
+                               cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, lam=cwac_lambda),
                                simplify=not no_simplify)
+        if no_cwac and (cwac_target != "auto" or cwac_lambda != 0.0 or emit_unfused):
+            click.echo("warning: --cwac-target / --cwac-lambda / --emit-unfused have no effect with --no-cwac", err=True)
         if calib_method != "percentile" and percentile != 99.99:
             click.echo("warning: --percentile has no effect unless --calib-method percentile", err=True)
         pre = None
@@ -99,7 +109,8 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
             calib = random_calibration(InputSpec.from_model(load_model(model)), random_calib)
         output = output or _default_output(model, qcfg, here=demo)
         with _Progress("calibrating") as progress:
-            result = compile_model(model, calib, output, config, image_preprocess=pre, progress=progress)
+            result = compile_model(model, calib, output, config, image_preprocess=pre, progress=progress,
+                                   unfused_path=None if no_cwac else emit_unfused)
         click.echo(render_summary(result))
         if demo:
             click.echo(_demo_accuracy(result))
@@ -134,7 +145,10 @@ def _demo_accuracy(result) -> str:
     f = accuracy(result.float_model, optimized=True)
     s = accuracy(result.model, optimized=False)
     d = accuracy(result.model, optimized=True)
-    return (f"digits test accuracy: float {f:.4f} | int8 simulated {s:.4f} | int8 deployed (onnxruntime) {d:.4f}")
+    line = f"digits test accuracy: float {f:.4f} | int8 simulated {s:.4f} | int8 deployed (onnxruntime) {d:.4f}"
+    if result.cwac is not None and result.cwac.compensations:
+        line += f" | plain PTQ (no CWAC) deployed {accuracy(result.plain_model, optimized=True):.4f}"
+    return line
 
 
 if __name__ == "__main__":

@@ -276,8 +276,7 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     scores = {"none": output_error(float_model, qmodel, parts.hold, parts.batch_size)}
     results: dict[str, tuple] = {"none": ({}, [])}
     for target in candidates:
-        fitter = _StagedFit(float_model, qmodel, plan, cfg, parts, target)
-        comps, fits = fitter.run()
+        comps, fits = _StagedFit(float_model, qmodel, plan, cfg, parts, target).run()
         results[target] = (comps, fits)
         scores[target] = (output_error(float_model, _unfused(qmodel, comps), parts.hold, parts.batch_size)
                           if comps else scores["none"])
@@ -289,6 +288,13 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     comps, fits = results[best]
     n_stages = max(layer_stages(gs.import_onnx(qmodel), [lp.node for lp in plan.layers]).values(), default=0)
     return CwacFit(comps, best, fits or results[candidates[0]][1], scores, n_stages, time.perf_counter() - t0)
+
+
+def staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan, data: CalibrationSet,
+               target: str, cfg: CwacConfig = CwacConfig(), batch_size: int = 8,
+               ) -> tuple[dict[str, Compensation], list[LayerFit]]:
+    """One target's staged fit with the per-layer gate only (no output-level choice)."""
+    return _StagedFit(float_model, qmodel, plan, cfg, _Parts.split(data, cfg, batch_size), target).run()
 
 
 def _unfused(qmodel: onnx.ModelProto, comps: dict[str, Compensation]) -> onnx.ModelProto:

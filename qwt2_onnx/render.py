@@ -20,14 +20,37 @@ def render_summary(result) -> str:
             lines.append(f"  {layer}: {why}")
         if len(result.fusion.float_) > 8:
             lines.append(f"  ... and {len(result.fusion.float_) - 8} more")
+    if result.cwac is not None:
+        lines += _cwac_lines(result)
     fid = result.fidelity
     if fid:
         tag = "held-out" if fid.held_out else "in-sample"
         lines.append(f"output fidelity vs float on {fid.samples} {tag} calibration samples:")
         for name in fid.simulated:
             s, d = fid.simulated[name], fid.deployed[name]
+            base = f" | plain PTQ simulated SQNR {fid.baseline[name].sqnr_db:.1f} dB" if fid.baseline else ""
             lines.append(f"  {name}: simulated SQNR {s.sqnr_db:.1f} dB cos {s.cosine:.5f} | "
-                         f"deployed SQNR {d.sqnr_db:.1f} dB cos {d.cosine:.5f}")
+                         f"deployed SQNR {d.sqnr_db:.1f} dB cos {d.cosine:.5f}{base}")
     times = " ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     lines.append(f"time: {times}")
     return "\n".join(lines)
+
+
+def _cwac_lines(result) -> list[str]:
+    fit, fold = result.cwac, result.stages.get("fold", {})
+    errs = ", ".join(f"{k} {v:.3g}" for k, v in fit.output_error.items())
+    lines = [f"CWAC: target {fit.target}, {len(fit.compensations)}/{len(result.plan.layers)} layers compensated "
+             f"in {fit.stages} stages, fit {fit.seconds:.1f}s; held-out output error: {errs}"]
+    rejected = Counter(f.status for f in fit.layers if f.status != "compensated")
+    for status, n in sorted(rejected.items()):
+        lines.append(f"  not compensated ({status}): {n}")
+    for strategy, n in sorted(Counter(fold.get("strategies", {}).values()).items()):
+        lines.append(f"  fold: {strategy}: {n}")
+    if fold.get("inserted_ops"):
+        lines.append(f"  extra ops inserted: {len(fold['inserted_ops'])} ({', '.join(fold['inserted_ops'][:5])})")
+    check = fold.get("check")
+    if check:
+        worst = max([*check["forced_max_rel"].values(), *check["forced_quantizer_max_rel"].values()], default=0.0)
+        lines.append(f"  fused vs unfused (same activation codes): max relative difference {worst:.2g}; "
+                     f"free-running: {check['flipped']}/{check['codes']} activation codes differ (rounding ties)")
+    return lines

@@ -1,0 +1,166 @@
+"""CWAC fit: the closed form, its guards, the staged protocol run segment by segment
+(must equal re-running the whole prefix per stage), the gates, and the compile
+artifacts (fused / unfused / --no-cwac)."""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from qwt2_onnx import CompileConfig, QuantConfig, compile_model
+from qwt2_onnx.calib_data import CalibrationSet, InputSpec
+from qwt2_onnx.config import CwacConfig
+from qwt2_onnx.cwac import ChannelSums, Compensation, fit_affine
+from qwt2_onnx.cwac_fit import layer_stages, staged_fit
+from qwt2_onnx.equivalence import check_fold
+from qwt2_onnx.graph_io import export_model
+from qwt2_onnx.passes.insert_compensation import InsertCompensationPass, compensation_point
+from qwt2_onnx.runtime import make_session, with_outputs
+from tiny_models import conv_net
+
+
+def _sums(q, f, axis=-1):
+    s = ChannelSums(q.shape[axis], axis)
+    s.update(q, f)
+    return s
+
+
+def test_closed_form_matches_least_squares_per_channel():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(500, 3))
+    q = f * np.array([0.9, 1.2, -0.5]) + np.array([0.3, -1.0, 2.0]) + rng.normal(0, 0.05, size=(500, 3))
+    g, beta, stats = fit_affine(_sums(q.astype(np.float32), f.astype(np.float32)))
+    for c in range(3):
+        ref_g, ref_b = np.polyfit(q[:, c], f[:, c], 1)  # least squares f ≈ g·q + β
+        assert abs(g[c] - ref_g) < 1e-4 and abs(beta[c] - ref_b) < 1e-4
+    assert stats["rejected_channels"] == 0 and g[2] < 0
+
+
+def test_guards_zero_variance_and_absurd_gain():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(200, 3)).astype(np.float32)
+    q = f.copy()
+    q[:, 0] = 2.0                     # constant channel: g = 1, β = mean(f − q)
+    q[:, 1] = f[:, 1] * 1e-3          # would need g ≈ 1000: rejected, left alone
+    g, beta, stats = fit_affine(_sums(q, f), max_gain=4.0)
+    assert g[0] == 1.0 and abs(beta[0] - np.mean(f[:, 0] - 2.0)) < 1e-5
+    assert g[1] == 1.0 and beta[1] == 0.0
+    assert stats == {**stats, "zero_variance": 1, "rejected_channels": 1}
+
+
+def test_lambda_shrinks_gain_toward_one():
+    rng = np.random.default_rng(2)
+    f = rng.normal(size=(300, 2)).astype(np.float32)
+    q = (f * 0.5 + rng.normal(0, 0.3, size=f.shape)).astype(np.float32)
+    g0, _, _ = fit_affine(_sums(q, f), lam=0.0)
+    g1, _, _ = fit_affine(_sums(q, f), lam=10.0)
+    assert np.all(np.abs(g1 - 1) < np.abs(g0 - 1))
+
+
+def _compiled(tmp_path, wbits=4, n=24, seed=0):
+    onnx.save(conv_net(seed=seed), tmp_path / "m.onnx")
+    rng = np.random.default_rng(seed)
+    calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+    cfg = CompileConfig(quant=QuantConfig(wbits=wbits), cwac=CwacConfig(enabled=False), holdout_samples=0)
+    return compile_model(tmp_path / "m.onnx", calib, tmp_path / "q.onnx", cfg, measure=False), calib
+
+
+def _reference_staged_fit(float_model, qmodel, plan, calib, cfg):
+    """The exact protocol the slow way: per stage, run the whole unfused prefix on every sample;
+    the same per-layer held-out gate."""
+    qgraph = gs.import_onnx(qmodel)
+    nodes = {n.name: n for n in qgraph.nodes}
+    layers = [lp.node for lp in plan.layers]
+    stages = layer_stages(qgraph, layers)
+    points = {name: compensation_point(nodes[name]).name for name in layers}
+    n_hold = int(round(len(calib) * cfg.holdout_fraction))
+    parts = {"fit": calib[:len(calib) - n_hold], "hold": calib[len(calib) - n_hold:]}
+    comps = {}
+    for s in range(1, max(stages.values()) + 1):
+        members = [n for n in layers if stages[n] == s]
+        unfused = export_model(InsertCompensationPass(comps)(gs.import_onnx(qmodel)).graph) if comps else qmodel
+        outs = [points[n] for n in members]  # none of the members is compensated yet: names unchanged
+        qs = make_session(with_outputs(unfused, outs), optimized=False)
+        fs = make_session(with_outputs(float_model, outs), optimized=True)
+        sums = {}
+        for part, feeds in parts.items():
+            for feed in feeds:
+                for name, q, f in zip(members, qs.run(outs, feed), fs.run(outs, feed)):
+                    axis = 1 if nodes[name].op in ("Conv", "ConvTranspose") else -1
+                    sums.setdefault((part, name), ChannelSums(q.shape[axis], axis)).update(q, f)
+        for name in members:
+            g, b, _ = fit_affine(sums[("fit", name)], cfg.lam, cfg.max_gain)
+            if sums[("hold", name)].mse(g, b) < sums[("hold", name)].mse():
+                comps[name] = Compensation(name, g, b, sums[("fit", name)].axis, "global", {})
+    return comps
+
+
+@pytest.mark.parametrize("wbits", [4, 8])
+def test_segment_cached_fit_equals_whole_prefix_reruns(tmp_path, wbits):
+    res, calib = _compiled(tmp_path, wbits=wbits)
+    cfg = CwacConfig(target="global")
+    data = CalibrationSet(lambda: iter(calib), InputSpec.from_model(res.float_model), "test", len(calib))
+    comps, fits = staged_fit(res.float_model, res.plain_model, res.plan, data, "global", cfg, batch_size=4)
+    ref = _reference_staged_fit(res.float_model, res.plain_model, res.plan, calib, cfg)
+    assert max(f.stage for f in fits) == 4  # conv1 -> conv2 -> gemm -> mm: four stages
+    assert set(comps) == set(ref) and ref, (set(comps), set(ref))
+    for name, comp in ref.items():
+        np.testing.assert_allclose(comps[name].gain, comp.gain, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(comps[name].bias, comp.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_cwac_never_worse_and_fold_is_exact(tmp_path):
+    res, calib = _compiled(tmp_path, wbits=4)
+    on = compile_model(tmp_path / "m.onnx", calib, tmp_path / "c.onnx", CompileConfig(quant=QuantConfig(wbits=4)),
+                       unfused_path=tmp_path / "u.onnx")
+    fit = on.cwac
+    assert fit.output_error[fit.target] <= fit.output_error["none"]
+    if fit.compensations:  # held-out error really went down, and the simulated SQNR went up
+        assert fit.output_error[fit.target] < fit.output_error["none"]
+        for name, stats in on.fidelity.simulated.items():
+            assert stats.sqnr_db >= on.fidelity.baseline[name].sqnr_db - 0.1
+    ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
+    assert ops(on.model) == ops(on.plain_model) == ops(res.model)
+    unfused = onnx.load(tmp_path / "u.onnx")
+    assert ops(unfused)["Mul"] == ops(on.plain_model)["Mul"] + len(fit.compensations)
+    check = check_fold(on.model, unfused, calib[:6], 2)
+    assert check.worst_forced <= 1e-5, check
+    assert on.stages["fold"]["check"]["forced_max_rel"] == pytest.approx(on.stages["fold"]["check"]["forced_max_rel"])
+
+
+def test_fold_check_catches_a_one_percent_scale_error(tmp_path):
+    res, calib = _compiled(tmp_path, wbits=8)
+    on = compile_model(tmp_path / "m.onnx", calib, tmp_path / "c.onnx", CompileConfig(cwac=CwacConfig(target="global")),
+                       unfused_path=tmp_path / "u.onnx", measure=False)
+    assert on.cwac.compensations, "the tiny model should get some compensation at W8A8"
+    layer = next(iter(on.cwac.compensations))
+    node = next(n for n in on.model.graph.node if n.name == layer)
+    dq = next(n for n in on.model.graph.node if n.output[0] == node.input[1])
+    bad = onnx.ModelProto()
+    bad.CopyFrom(on.model)
+    scale = next(t for t in bad.graph.initializer if t.name == dq.input[1])
+    vals = onnx.numpy_helper.to_array(scale).copy()
+    vals[0] *= 1.01
+    scale.CopyFrom(onnx.numpy_helper.from_array(vals, scale.name))
+    unfused = onnx.load(tmp_path / "u.onnx")
+    good, broken = check_fold(on.model, unfused, calib[:6], 2), check_fold(bad, unfused, calib[:6], 2)
+    assert good.worst_forced <= 1e-5 < 1e-3 < broken.worst_forced
+
+
+def test_no_cwac_gives_plain_model(tmp_path):
+    res, _ = _compiled(tmp_path)
+    assert res.cwac is None and "cwac_fit" not in res.seconds
+    assert onnx.load(tmp_path / "q.onnx").graph.SerializeToString() == res.plain_model.graph.SerializeToString()
+
+
+def test_cwac_config_errors():
+    from qwt2_onnx import QwtError
+
+    with pytest.raises(QwtError, match="CWAC target"):
+        CwacConfig(target="everything")
+    with pytest.raises(QwtError, match="held-out"):
+        dataclasses.replace(CwacConfig(), holdout_fraction=1.5)
