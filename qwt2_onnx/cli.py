@@ -56,6 +56,10 @@ def main(verbose: int) -> None:
 @click.option("--max-samples", type=int, default=None)
 @click.option("--exclude", multiple=True, help="Node name, glob, or re:REGEX to keep in float (repeatable).")
 @click.option("--exclude-op", multiple=True, help="Op type to keep in float (repeatable).")
+@click.option("--float-model", type=click.Path(path_type=Path), default=None,
+              help="Upgrade mode: MODEL is already QDQ-quantized (e.g. by onnxruntime); this is its float original.")
+@click.option("--cwac-params", type=click.Path(path_type=Path), default=None,
+              help="Fold compensation fitted elsewhere: .npz of '<weight>:gain' / '<weight>:bias' arrays.")
 @click.option("--no-cwac", is_flag=True, help="Plain PTQ: no QwT-v2 compensation.")
 @click.option("--cwac-target", type=click.Choice(["auto", "global", "local"]), default="auto", show_default=True,
               help="CWAC fit target; auto fits both and keeps the one with the lower held-out output error.")
@@ -70,12 +74,13 @@ def main(verbose: int) -> None:
 @click.option("--scale", type=float, default=1 / 255, show_default=True)
 @click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
 def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abits, full_range_weights,
-                calib_method, percentile, batch_size, max_samples, exclude, exclude_op, no_cwac, cwac_target,
+                calib_method, percentile, batch_size, max_samples, exclude, exclude_op, float_model, cwac_params,
+                no_cwac, cwac_target,
                 cwac_lambda, emit_unfused, no_simplify,
                 image_size, layout, mean, std, scale, channel_order) -> None:
     """Compile MODEL (float ONNX) into a QDQ model.  Without MODEL: the embedded digits CNN."""
     from . import default_model
-    from .pipeline import compile_model
+    from .pipeline import compile_model, upgrade_model
     from .render import render_summary
 
     try:
@@ -88,7 +93,8 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
                            avx2_safe_weights=not full_range_weights,
                            exclude_names=tuple(exclude), exclude_op_types=tuple(exclude_op))
         config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples),
-                               cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, lam=cwac_lambda),
+                               cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, lam=cwac_lambda,
+                                               params=str(cwac_params) if cwac_params else None),
                                simplify=not no_simplify)
         if no_cwac and (cwac_target != "auto" or cwac_lambda != 0.0 or emit_unfused):
             click.echo("warning: --cwac-target / --cwac-lambda / --emit-unfused have no effect with --no-cwac", err=True)
@@ -107,10 +113,20 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
                         "data and accuracy will suffer. Use --calib with real data for a model you deploy.",
                         fg="red", bold=True, err=True)
             calib = random_calibration(InputSpec.from_model(load_model(model)), random_calib)
+        if float_model is not None and output is None:
+            output = model.with_name(f"{model.stem}.cwac.onnx")
         output = output or _default_output(model, qcfg, here=demo)
         with _Progress("calibrating") as progress:
-            result = compile_model(model, calib, output, config, image_preprocess=pre, progress=progress,
-                                   unfused_path=None if no_cwac else emit_unfused)
+            unfused = None if no_cwac else emit_unfused
+            if float_model is not None:
+                if no_cwac:
+                    raise QwtError("--float-model (upgrade mode) with --no-cwac would change nothing",
+                                   fix="drop --no-cwac, or compile the float model itself")
+                result = upgrade_model(model, float_model, calib, output, config, image_preprocess=pre,
+                                       unfused_path=unfused)
+            else:
+                result = compile_model(model, calib, output, config, image_preprocess=pre, progress=progress,
+                                       unfused_path=unfused)
         click.echo(render_summary(result))
         if demo:
             click.echo(_demo_accuracy(result))

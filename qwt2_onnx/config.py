@@ -81,6 +81,7 @@ class CwacConfig:
     with the lower held-out output error).  ``lam`` shrinks gains toward 1;
     ``max_gain`` bounds |g| (channels beyond it are left alone);
     ``holdout_fraction`` of the calibration samples judge every fit.
+    ``params``: fold these instead of fitting (``--cwac-params``).
     """
 
     enabled: bool = True
@@ -88,6 +89,7 @@ class CwacConfig:
     lam: float = 0.0
     max_gain: float = 4.0
     holdout_fraction: float = 0.25
+    params: str | None = None  # .npz of compensation fitted elsewhere ('<weight>:gain', '<weight>:bias')
 
     def __post_init__(self) -> None:
         from .errors import QwtError

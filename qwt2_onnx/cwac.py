@@ -93,7 +93,7 @@ def fit_affine(sums: ChannelSums, lam: float = 0.0, max_gain: float = 4.0) -> tu
     return g.astype(np.float32), beta.astype(np.float32), stats
 
 
-def build_graphs(qmodel, compensations: dict[str, Compensation]):
+def build_graphs(qmodel, compensations: dict[str, Compensation], int32_bias: bool = True):
     """(unfused, fused, fold stats) ModelProtos for ``compensations`` on the QDQ model ``qmodel``.
 
     β is first snapped to the folded layer's int32 bias grid, so both graphs
@@ -107,7 +107,80 @@ def build_graphs(qmodel, compensations: dict[str, Compensation]):
 
     graph = gs.import_onnx(qmodel)
     nodes = {n.name: n for n in graph.nodes}
-    snapped = {k: dataclasses.replace(c, bias=snap_bias(nodes[k], c)) for k, c in compensations.items()}
+    snapped = {k: dataclasses.replace(c, bias=snap_bias(nodes[k], c, int32_bias)) for k, c in compensations.items()}
     unfused = export_model(InsertCompensationPass(snapped)(gs.import_onnx(qmodel)).graph)
-    result = FoldCompensationPass(snapped)(graph)
+    result = FoldCompensationPass(snapped, int32_bias)(graph)
     return unfused, export_model(result.graph), result.stats
+
+
+def constrain_full_range(qmodel, compensations: dict[str, Compensation]) -> tuple[dict[str, Compensation], int]:
+    """Leave alone (g = 1, β = 0) every channel whose gain is negative but whose integer weight row holds the
+    type's minimum (−128 / −8): negating that row would overflow.  Only models quantized on the full
+    range (another tool's, in upgrade mode) have such rows.  Returns (compensations, channels constrained)."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(qmodel)
+    nodes = {n.name: n for n in graph.nodes}
+    out, constrained = {}, 0
+    for name, comp in compensations.items():
+        dq = nodes[name].inputs[1].inputs[0] if nodes[name].inputs[1].inputs else None
+        if dq is None or dq.op != "DequantizeLinear" or not isinstance(dq.inputs[0], gs.Constant):
+            out[name] = comp
+            continue
+        w = np.asarray(dq.inputs[0].values)
+        axis = int(dq.attrs.get("axis", 1)) % w.ndim
+        rows_min = np.any(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) == _int_min(w), axis=1)
+        bad = (comp.gain < 0) & rows_min if rows_min.size == comp.gain.size else np.zeros(comp.gain.size, bool)
+        if bad.any():
+            constrained += int(bad.sum())
+            comp = dataclasses.replace(comp, gain=np.where(bad, 1.0, comp.gain).astype(np.float32),
+                                       bias=np.where(bad, 0.0, comp.bias).astype(np.float32),
+                                       stats={**comp.stats, "full_range_negative_gain_left_alone": int(bad.sum())})
+        out[name] = comp
+    return out, constrained
+
+
+def _int_min(w: np.ndarray) -> int:
+    name = w.dtype.name
+    if name in ("int4",):
+        return -8
+    return int(np.iinfo(w.dtype).min) if w.dtype.kind == "i" else -(2**31)
+
+
+def load_cwac_params(path, plan, qmodel) -> dict[str, Compensation]:
+    """Compensation fitted elsewhere: an .npz with ``<weight>:gain`` and ``<weight>:bias`` arrays per layer,
+    keyed by the float weight initializer's name (e.g. a PyTorch parameter name)."""
+    from .errors import QwtError
+
+    try:
+        arrays = dict(np.load(path, allow_pickle=False))
+    except Exception as e:
+        raise QwtError(f"cannot read CWAC parameters from {path}", notes=[f"{type(e).__name__}: {e}"],
+                       fix="pass an .npz file with '<weight>:gain' and '<weight>:bias' arrays") from None
+    by_weight = {lp.weight: lp for lp in plan.layers}
+    weights = {k.rsplit(":", 1)[0] for k in arrays}
+    unknown = sorted(w for w in weights if w not in by_weight)
+    if unknown:
+        raise QwtError(f"{len(unknown)} CWAC parameter name(s) match no quantized layer's weight",
+                       notes=[f"unknown: {', '.join(unknown[:8])}", f"known weights: {', '.join(sorted(by_weight)[:8])}"],
+                       fix="key the arrays by the float model's weight initializer names ('<weight>:gain')")
+    import onnx_graphsurgeon as gs
+
+    from .passes.fold_compensation import weight_shape
+
+    nodes = {n.name: n for n in gs.import_onnx(qmodel).nodes}
+    comps = {}
+    for w in sorted(weights):
+        lp = by_weight[w]
+        channels = weight_shape(nodes[lp.node])[lp.axis]
+        gain = np.asarray(arrays.get(f"{w}:gain", np.ones(channels or 1)), np.float32).reshape(-1)
+        bias = np.asarray(arrays.get(f"{w}:bias", np.zeros(gain.size)), np.float32).reshape(-1)
+        if channels is not None and (gain.size != channels or bias.size != channels):
+            raise QwtError(f"CWAC parameters for '{w}' do not match its {channels} output channels",
+                           notes=[f"gain: {gain.size} values, bias: {bias.size} values"],
+                           fix="give one gain and one bias per output channel")
+        if not (np.all(np.isfinite(gain)) and np.all(np.isfinite(bias))):
+            raise QwtError(f"CWAC parameters for '{w}' hold NaN or Inf", fix="fix the exported parameters")
+        comps[lp.node] = Compensation(lp.node, gain, bias, 1 if lp.op in ("Conv", "ConvTranspose") else -1,
+                                      "params", {"source": str(path)})
+    return comps

@@ -41,6 +41,7 @@ from .calib_data import CalibrationSet
 from .config import CwacConfig
 from .cwac import ChannelSums, Compensation, fit_affine
 from .graph_io import export_model
+from .passes.fold_compensation import weight_shape
 from .passes.insert_compensation import InsertCompensationPass, compensation_point
 from .policy import QuantPlan
 from .runtime import batches, make_session
@@ -95,7 +96,7 @@ def _identity(plan: QuantPlan, graph: gs.Graph) -> dict[str, Compensation]:
     nodes = {n.name: n for n in graph.nodes}
     comps = {}
     for lp in plan.layers:
-        c = nodes[lp.node].inputs[1].shape[lp.axis]
+        c = weight_shape(nodes[lp.node])[lp.axis]
         comps[lp.node] = Compensation(lp.node, np.ones(c, np.float32), np.zeros(c, np.float32), _axis(lp.op), "none", {})
     return comps
 
@@ -133,6 +134,12 @@ class _StagedFit:
         self.layers = [lp.node for lp in plan.layers]
         self.stages = layer_stages(qgraph, self.layers)
         self.points = {name: compensation_point(nodes[name]).name for name in self.layers}
+        fgraph = gs.import_onnx(float_model)
+        fnodes = {n.name: n for n in fgraph.nodes}
+        # the target tensor in the float model: found through the layer's node name (tensor names may differ
+        # in a model quantized by another tool)
+        self.fpoints = {name: compensation_point(fnodes[name]).name if name in fnodes else self.points[name]
+                        for name in self.layers}
         self.axes = {lp.node: _axis(lp.op) for lp in plan.layers}
         InsertCompensationPass(_identity(plan, qgraph))(qgraph)
         self.twins = {}
@@ -145,7 +152,6 @@ class _StagedFit:
         muls = {n.name: n for n in self.umodel.graph.node}
         self.raw = {name: muls[f"{name}_cwac_Mul"].input[0] for name in self.layers}
         self.inits = {t.name: t for t in self.umodel.graph.initializer}
-        fgraph = gs.import_onnx(float_model)
         self.fmodel = export_model(fgraph.toposort())
 
     def run(self) -> tuple[dict[str, Compensation], list[LayerFit]]:
@@ -153,7 +159,7 @@ class _StagedFit:
         members = [[n for n in self.layers if self.stages[n] == s] for s in range(1, n_stages + 1)]
         q_plan = SegmentPlan(self.umodel, [[self.raw[n] for n in m] + [self.twins[n] for n in m if n in self.twins]
                                            for m in members])
-        f_plan = SegmentPlan(self.fmodel, [[self.points[n] for n in m] for m in members]) \
+        f_plan = SegmentPlan(self.fmodel, [[self.fpoints[n] for n in m] for m in members]) \
             if self.target == "global" else None
         comps, fits = {}, []
         with TensorCache() as qcache, TensorCache() as fcache:
@@ -198,11 +204,11 @@ class _StagedFit:
             if fsess is not None:
                 fout = dict(zip(fseg.outputs, fsess.run(list(fseg.outputs), {t: fcache.get(b, t) for t in fseg.inputs})))
                 for name in names:
-                    if self.points[name] in f_plan.last_use:
-                        fcache.put(b, self.points[name], fout[self.points[name]])
+                    if self.fpoints[name] in f_plan.last_use:
+                        fcache.put(b, self.fpoints[name], fout[self.fpoints[name]])
             for name in names:
                 q = qout[self.raw[name]]
-                f = qout[self.twins[name]] if self.target == "local" else fout[self.points[name]]
+                f = qout[self.twins[name]] if self.target == "local" else fout[self.fpoints[name]]
                 key = ("fit" if b < n_fit else "hold", name)
                 if key not in sums:
                     sums[key] = ChannelSums(q.shape[self.axes[name]], self.axes[name])

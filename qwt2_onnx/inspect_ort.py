@@ -48,7 +48,7 @@ def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def fusion_report(model: onnx.ModelProto, layers: dict[str, str]) -> FusionReport:
-    """``layers``: planned layer name -> weight tensor name."""
+    """``layers``: planned layer name -> its integer weight tensor's name."""
     opt = optimized_graph(model)
     by_name = {n.name: n for n in opt.graph.node}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -61,7 +61,7 @@ def fusion_report(model: onnx.ModelProto, layers: dict[str, str]) -> FusionRepor
         if node is not None and node.op_type in INTEGER_KERNELS:
             integer[layer] = node.op_type
             continue
-        readers = consumers.get(f"{weight}_quantized", [])
+        readers = consumers.get(weight, [])
         kernel = next((r.op_type for r in readers if r.op_type in INTEGER_KERNELS), None)
         if kernel and (node is None or node.op_type not in FLOAT_LAYERS):
             integer[layer] = kernel

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from .calib_data import CalibrationSet, InputSpec, open_calibration
 from .calibrate import collect_ranges
 from .config import CompileConfig
-from .cwac import build_graphs
+from .cwac import build_graphs, constrain_full_range, load_cwac_params
 from .cwac_fit import CwacFit, fit_compensations
 from .errors import QwtError, StageError
 from .graph_io import export_model
@@ -34,7 +34,7 @@ from .passes.insert_qdq import InsertQDQPass
 from .passes.normalize import NormalizePass
 from .passes.simplify import SimplifyPass
 from .passes.trt_lint import TrtLintPass
-from .policy import QuantPlan, plan_quantization
+from .policy import QuantPlan, plan_from_qdq, plan_quantization, quantized_op_types
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
                        fix="pass a different -o path; the input model is never overwritten")
     with _stage("load", seconds):
         model = load_model(model_path)
+        _refuse_quantized(model, model_path)
         specs = InputSpec.from_model(model)
         data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
         next(iter(data))  # names, shapes, dtypes checked before any heavy work
@@ -120,22 +121,78 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
     with _stage("insert_qdq", seconds):
         stages["insert_qdq"] = InsertQDQPass(plan, ranges, qcfg)(graph).stats
         plain = export_model(graph)
+    return _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
+                                 unfused_path, measure, seconds, stages)
+
+
+def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_path: str | Path,
+                  config: CompileConfig = CompileConfig(), *, image_preprocess=None, measure: bool = True,
+                  unfused_path: str | Path | None = None) -> CompileResult:
+    """Upgrade mode: fit and fold CWAC on a model another tool already quantized to QDQ (e.g. onnxruntime's
+    ``quantize_static``), on that model's own quantization grid, against its float original.  Nothing but
+    the compensated layers' weight scales, weight signs and biases changes."""
+    seconds: dict[str, float] = {}
+    stages: dict[str, dict] = {}
+    qdq_path, float_path, output_path = Path(qdq_path), Path(float_path), Path(output_path)
+    if output_path.resolve() in (qdq_path.resolve(), float_path.resolve()):
+        raise QwtError("the output path is an input model", notes=[f"path: {output_path}"],
+                       fix="pass a different -o path; input models are never overwritten")
+    with _stage("load", seconds):
+        qmodel, fmodel = load_model(qdq_path), load_model(float_path)
+        if "DequantizeLinear" not in {n.op_type for n in qmodel.graph.node}:
+            raise QwtError(f"{qdq_path.name} is not a QDQ model (no DequantizeLinear)",
+                           fix="upgrade mode takes a QDQ-quantized model; compile a float model without --float-model")
+        specs = InputSpec.from_model(fmodel)
+        if [s.name for s in specs] != [s.name for s in InputSpec.from_model(qmodel)]:
+            raise QwtError("the QDQ model and the float model have different inputs",
+                           notes=[f"QDQ: {[s.name for s in InputSpec.from_model(qmodel)]}", f"float: {[s.name for s in specs]}"],
+                           fix="pass the float model the QDQ model was quantized from (--float-model)")
+        data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
+        next(iter(data))
+    with _stage("normalize", seconds):
+        float_model = NormalizePass(13)(fmodel).graph
+        qgraph = gs.import_onnx(qmodel)
+        plain = export_model(qgraph.toposort())
+    with _stage("plan", seconds):
+        plan = plan_from_qdq(gs.import_onnx(plain), gs.import_onnx(float_model))
+        stages["plan"] = {"layers": len(plan.layers), "skipped": dict(plan.skipped), "unmatched_patterns": []}
+        if not plan.layers:
+            raise QwtError("no quantized layer of the QDQ model has a float counterpart to fit against",
+                           notes=[f"{name}: {why}" for name, why in list(plan.skipped.items())[:10]],
+                           fix="pass the float model the QDQ model was quantized from; node names must match")
+    calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
+    return _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
+                                 unfused_path, measure, seconds, stages)
+
+
+def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
+                          unfused_path, measure, seconds, stages) -> CompileResult:
+    """fit CWAC ─► fold (fused vs unfused check) ─► lint ─► write ─► fusion report ─► fidelity."""
+    qcfg = config.quant
+    graph = gs.import_onnx(plain)
     cwac, unfused = None, plain
     if config.cwac.enabled:
         with _stage("cwac_fit", seconds):
-            cwac = fit_compensations(float_model, plain, plan, calib_part, config.cwac, config.calib.batch_size)
+            if config.cwac.params is not None:
+                cwac = CwacFit(load_cwac_params(config.cwac.params, plan, plain), "params", [], {}, 0, 0.0)
+            else:
+                cwac = fit_compensations(float_model, plain, plan, calib_part, config.cwac, config.calib.batch_size)
+            comps, constrained = constrain_full_range(plain, cwac.compensations)
+            cwac = dataclasses.replace(cwac, compensations=comps)
             stages["cwac_fit"] = {"target": cwac.target, "compensated": len(cwac.compensations),
                                   "layers": len(plan.layers), "stages": cwac.stages,
-                                  "output_error": {k: round(v, 8) for k, v in cwac.output_error.items()}}
+                                  "output_error": {k: round(v, 8) for k, v in cwac.output_error.items()},
+                                  "full_range_negative_gain_left_alone": constrained}
         with _stage("fold", seconds):
-            unfused, fused, fold_stats = build_graphs(plain, cwac.compensations)
+            unfused, fused, fold_stats = build_graphs(plain, cwac.compensations, int32_bias=qcfg.target == "ort")
             check = check_fold(fused, unfused, eval_part, config.calib.batch_size)
             fold_stats["check"] = dataclasses.asdict(check)
             stages["fold"] = fold_stats
             if check.worst_forced > FOLD_TOLERANCE:
                 raise QwtError("the folded graph does not compute what the unfused graph computes",
-                               notes=[f"{o}: max relative difference {d:.3g} > {FOLD_TOLERANCE:g}"
-                                      for o, d in check.forced_max_rel.items()],
+                               notes=[f"{t}: max relative difference {d:.3g} > {FOLD_TOLERANCE:g}"
+                                      for t, d in {**check.forced_max_rel, **check.forced_quantizer_max_rel}.items()
+                                      if d > FOLD_TOLERANCE][:10],
                                fix="report this as a bug; --no-cwac writes the plain QDQ model meanwhile")
             graph = gs.import_onnx(fused)
     with _stage("lint", seconds):
@@ -154,9 +211,34 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
     fusion = fidelity = None
     if measure:
         with _stage("inspect", seconds):
-            fusion = fusion_report(qmodel, {lp.node: lp.weight for lp in plan.layers})
+            fusion = fusion_report(qmodel, _integer_weights(qmodel, plan))
         with _stage("fidelity", seconds):
             fidelity = measure_fidelity(float_model, qmodel, eval_part, config.calib.batch_size, held_out,
                                         baseline=plain if cwac and cwac.compensations else None)
     return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds, cwac, plain)
+
+
+def _refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
+    found = quantized_op_types({n.op_type for n in model.graph.node})
+    if not found:
+        return
+    qdq = found <= {"QuantizeLinear", "DequantizeLinear"}
+    raise QwtError(f"{path.name} is already quantized ({', '.join(sorted(found))})",
+                   notes=["compile takes a float model" + ("; this one is in QDQ form" if qdq else
+                                                            "; this one is in QOperator form, which cannot be upgraded")],
+                   fix=("add --float-model FLOAT.onnx (the float original) to fit and fold CWAC on its own "
+                        "quantization grid (upgrade mode), or pass the float model instead") if qdq else
+                       "pass the float model instead")
+
+
+def _integer_weights(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, str]:
+    """layer -> the name of its integer weight (the input of its weight DequantizeLinear)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    nodes = {n.name: n for n in model.graph.node}
+    out = {}
+    for lp in plan.layers:
+        dq = producer.get(nodes[lp.node].input[1]) if lp.node in nodes else None
+        out[lp.node] = dq.input[0] if dq is not None and dq.op_type == "DequantizeLinear" else lp.weight
+    return out
+
 

@@ -192,3 +192,63 @@ def plan_quantization(graph: gs.Graph, cfg: QuantConfig) -> QuantPlan:
             bias_node=bias_node, bias_input=bias_input))
     unmatched = [p for p in patterns if p not in used]
     return QuantPlan(layers, skipped, unmatched)
+
+
+def _dq_of_constant(t: gs.Tensor) -> gs.Node | None:
+    """The DequantizeLinear producing ``t`` from a constant integer tensor, if any."""
+    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "DequantizeLinear":
+        dq = t.inputs[0]
+        return dq if isinstance(dq.inputs[0], gs.Constant) else None
+    return None
+
+
+def _output_axis(node: gs.Node) -> int:
+    if node.op in ("Conv",):
+        return 0
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    return 1  # ConvTranspose (group 1), MatMul
+
+
+def plan_from_qdq(qgraph: gs.Graph, fgraph: gs.Graph) -> QuantPlan:
+    """The layers of an already-quantized QDQ graph (upgrade mode): every Conv/ConvTranspose/Gemm/MatMul
+    whose weight is a DequantizeLinear of a constant and whose activation is dequantized.  Weight and
+    bias names are the float graph's (matched by node name), for the local CWAC target."""
+    fnodes = {n.name: n for n in fgraph.nodes}
+    layers, skipped = [], {}
+    for node in qgraph.nodes:
+        if node.op not in POLICY:
+            continue
+        reason = None
+        if len(node.inputs) < 2 or _dq_of_constant(node.inputs[1]) is None:
+            reason = "weight_not_quantized"
+        elif not (isinstance(node.inputs[0], gs.Variable) and node.inputs[0].inputs
+                  and node.inputs[0].inputs[0].op == "DequantizeLinear"):
+            reason = "activation_not_quantized"
+        elif node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) != 1:
+            reason = "grouped_conv_transpose"
+        elif node.name not in fnodes or fnodes[node.name].op != node.op:
+            reason = "no_float_counterpart"
+        if reason:
+            skipped[node.name] = reason
+            continue
+        fnode = fnodes[node.name]
+        bias_node, bias_input, bias = None, 2, None
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            bias_node, bias = node.name, fnode.inputs[2].name if len(fnode.inputs) > 2 else None
+        elif node.op == "MatMul" and len(out := node.outputs[0].outputs) == 1 and out[0].op == "Add":
+            add = out[0]
+            bias_input = 1 if add.inputs[0] is node.outputs[0] else 0
+            fadd = fnodes.get(add.name)
+            if fadd is not None and fadd.op == "Add" and isinstance(fadd.inputs[bias_input], gs.Constant):
+                bias_node, bias = add.name, fadd.inputs[bias_input].name
+        layers.append(LayerPlan(node=node.name, op=node.op, activation=node.inputs[0].name,
+                                weight=fnode.inputs[1].name, axis=_output_axis(node), bias=bias, output=None,
+                                bias_node=bias_node, bias_input=bias_input))
+    return QuantPlan(layers, skipped, [])
+
+
+def quantized_op_types(model_ops: set[str]) -> set[str]:
+    """The quantization ops present in a model (QDQ or QOperator form)."""
+    return {op for op in model_ops if op in ("QuantizeLinear", "DequantizeLinear") or op.startswith("QLinear")
+            or op in ("ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLinear")}

@@ -19,8 +19,9 @@ def test_embedded_default_prints_accuracy(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "digits test accuracy: float 0.99" in res.output
     line = next(line for line in res.output.splitlines() if line.startswith("digits test accuracy"))
-    f, sim, dep = (float(part.split()[-1]) for part in line.split("|"))
-    assert sim >= f - 0.01 and dep >= f - 0.01
+    f, sim, dep, plain = (float(part.split()[-1]) for part in line.split("|"))
+    assert sim >= f - 0.01 and dep >= f - 0.01 and dep >= plain
+    assert "CWAC: target" in res.output and "fused vs unfused (same activation codes)" in res.output
     assert (tmp_path / "digits_cnn.int8.ort.onnx").exists()
 
 

@@ -58,6 +58,14 @@ def _values(t: gs.Tensor) -> np.ndarray:
     return np.asarray(t.values)
 
 
+def weight_shape(node: gs.Node) -> tuple[int, ...]:
+    """Shape of a layer's weight: its input 1, or the constant behind the DequantizeLinear producing it."""
+    w = node.inputs[1]
+    if w.shape is None and (dq := _producer(w, "DequantizeLinear")) is not None:
+        w = dq.inputs[0]
+    return tuple(w.shape)
+
+
 def bias_slot(node: gs.Node) -> tuple[gs.Node, int] | None:
     """(node, input index) holding the layer's bias: its own input 2, or MatMul's following Add."""
     if node.op in ("Conv", "ConvTranspose", "Gemm"):
@@ -85,10 +93,13 @@ def folded_bias_scale(node: gs.Node, w_scale: np.ndarray) -> np.ndarray:
     return (s_x * w_scale).astype(np.float32)
 
 
-def snap_bias(node: gs.Node, comp: Compensation) -> np.ndarray:
+def snap_bias(node: gs.Node, comp: Compensation, int32_bias: bool = True) -> np.ndarray:
     """β adjusted so that g·b + β lies exactly on the int32 bias grid of the folded layer."""
     slot = bias_slot(node)
     if slot is None:
+        if int32_bias and node.op != "MatMul" and _producer(node.inputs[0], "DequantizeLinear") is not None:
+            scale = folded_bias_scale(node, folded_weight_scale(node, comp.gain)).astype(np.float64)
+            return (np.round(comp.bias / scale) * scale).astype(np.float32)  # a new int32 bias will hold β
         return comp.bias
     bnode, idx = slot
     dq = _producer(bnode.inputs[idx], "DequantizeLinear")
@@ -101,9 +112,34 @@ def snap_bias(node: gs.Node, comp: Compensation) -> np.ndarray:
     return (target - comp.gain.astype(np.float64) * b).astype(np.float32)
 
 
+def _to_per_channel(node: gs.Node) -> bool:
+    """A per-tensor symmetric weight DQ becomes per-channel on the output axis (same values); True if done."""
+    dq = _producer(node.inputs[1], "DequantizeLinear")
+    if dq is None or not isinstance(dq.inputs[0], gs.Constant) or not isinstance(dq.inputs[1], gs.Constant):
+        return False
+    w, scale = dq.inputs[0], dq.inputs[1]
+    zp = dq.inputs[2] if len(dq.inputs) > 2 else None
+    if _values(scale).size != 1 or len(w.outputs) > 1 or len(node.inputs[1].outputs) > 1:
+        return False
+    if zp is not None and (not isinstance(zp, gs.Constant) or np.any(_values(zp).astype(np.int64) != 0)):
+        return False
+    axis = 0 if node.op == "Conv" else 1 if node.op in ("ConvTranspose", "MatMul") else (
+        0 if int(node.attrs.get("transB", 0)) else 1)
+    channels = w.shape[axis]
+    scale.values = np.full(channels, float(_values(scale).reshape(())), np.float32)
+    if zp is not None:
+        zp.values = np.zeros(channels, _values(zp).dtype)
+    dq.attrs["axis"] = axis
+    return True
+
+
 class FoldCompensationPass:
-    def __init__(self, compensations: dict[str, Compensation]):
+    """``int32_bias``: a layer with no bias slot gets an int32 bias DQ (onnxruntime target) rather than a
+    float bias (TensorRT target)."""
+
+    def __init__(self, compensations: dict[str, Compensation], int32_bias: bool = True):
         self.compensations = compensations
+        self.int32_bias = int32_bias
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         nodes = {n.name: n for n in graph.nodes}
@@ -112,6 +148,10 @@ class FoldCompensationPass:
         inserted: list[str] = []
         for layer, comp in self.compensations.items():
             node = nodes.get(layer)
+            if node is not None and _to_per_channel(node):
+                strategies_note = "per-tensor weight converted to per-channel; "
+            else:
+                strategies_note = ""
             reason = self._check(node)
             if reason:
                 skipped[reason] += 1
@@ -119,7 +159,7 @@ class FoldCompensationPass:
                 logger.debug("not folding %s: %s", layer, reason)
                 continue
             w_scale = folded_weight_scale(node, comp.gain)
-            strategies[layer] = self._fold_bias(graph, node, comp, w_scale, inserted)
+            strategies[layer] = strategies_note + self._fold_bias(graph, node, comp, w_scale, inserted, self.int32_bias)
             self._fold_gain(node, comp.gain, w_scale)
         if inserted:
             graph.cleanup().toposort()
@@ -163,11 +203,24 @@ class FoldCompensationPass:
 
     @staticmethod
     def _fold_bias(graph: gs.Graph, node: gs.Node, comp: Compensation, w_scale: np.ndarray,
-                   inserted: list[str]) -> str:
+                   inserted: list[str], int32_bias: bool) -> str:
         slot = bias_slot(node)
         g, beta = comp.gain.astype(np.float64), comp.bias.astype(np.float64)
         if slot is None:
             if node.op in ("Conv", "ConvTranspose", "Gemm"):
+                if int32_bias and _producer(node.inputs[0], "DequantizeLinear") is not None:
+                    scale = folded_bias_scale(node, w_scale)
+                    b_int = np.round(beta / scale.astype(np.float64)).astype(np.int32)
+                    out = gs.Variable(f"{node.name}_cwac_bias_dequantized", dtype=np.float32, shape=[b_int.size])
+                    graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}_cwac_bias_DequantizeLinear",
+                                               attrs={"axis": 0}, outputs=[out], inputs=[
+                                                   gs.Constant(f"{node.name}_cwac_bias_quantized", b_int),
+                                                   gs.Constant(f"{node.name}_cwac_bias_scale", scale),
+                                                   gs.Constant(f"{node.name}_cwac_bias_zero_point",
+                                                               np.zeros(b_int.size, np.int32))]))
+                    node.inputs.append(out)
+                    inserted.append(f"{node.name}_cwac_bias_DequantizeLinear")
+                    return "gain->weight scale, beta->new int32 bias input (extra DequantizeLinear)"
                 node.inputs.append(gs.Constant(f"{node.name}_cwac_bias", beta.astype(np.float32)))
                 return "gain->weight scale, beta->new float bias input"
             return FoldCompensationPass._insert_add(graph, node, comp, inserted)

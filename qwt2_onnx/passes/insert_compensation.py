@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from ..cwac import Compensation
 from . import PassResult
-from .fold_compensation import bias_slot
+from .fold_compensation import bias_slot, weight_shape
 
 
 def compensation_point(node: gs.Node) -> gs.Variable:
@@ -30,7 +30,7 @@ def compensation_point(node: gs.Node) -> gs.Variable:
 
 def broadcast_shape(node: gs.Node, channels: int) -> tuple[int, ...]:
     if node.op in ("Conv", "ConvTranspose"):
-        return (channels,) + (1,) * (len(node.inputs[1].shape) - 2)
+        return (channels,) + (1,) * (len(weight_shape(node)) - 2)
     return (channels,)
 
 

@@ -1,0 +1,110 @@
+"""Upgrade mode: CWAC fitted and folded on a model onnxruntime's quantize_static already quantized,
+on its own grid; and --cwac-params: compensation fitted elsewhere, folded with the same checks."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from qwt2_onnx import CompileConfig, QuantConfig, QwtError, compile_model
+from qwt2_onnx.cli import main
+from qwt2_onnx.config import CwacConfig
+from qwt2_onnx.pipeline import upgrade_model
+from tiny_models import conv_net
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, feeds):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def _ort_quantized(tmp_path, weight_type=QuantType.QInt8, n=24):
+    float_path = tmp_path / "f.onnx"
+    onnx.save(conv_net(seed=3), float_path)
+    rng = np.random.default_rng(3)
+    calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+    qdq_path = tmp_path / "ort.onnx"
+    quantize_static(str(float_path), str(qdq_path), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=weight_type)
+    return float_path, qdq_path, calib
+
+
+def _ops(m):
+    return Counter(n.op_type for n in m.graph.node)
+
+
+@pytest.mark.parametrize("weight_type", [QuantType.QInt8, QuantType.QInt4])
+def test_upgrade_ort_quantize_static_model(tmp_path, weight_type):
+    float_path, qdq_path, calib = _ort_quantized(tmp_path, weight_type)
+    before = qdq_path.read_bytes()
+    res = upgrade_model(qdq_path, float_path, calib, tmp_path / "up.onnx", CompileConfig(holdout_samples=8),
+                        unfused_path=tmp_path / "u.onnx")
+    assert qdq_path.read_bytes() == before
+    original = onnx.load(qdq_path)
+    assert len(res.plan.layers) == 4 and not res.plan.skipped
+    # onnxruntime left conv2 without a bias and mm (a graph output) without a bias Add: the only extra ops
+    # are those, and the report lists them
+    inserted = res.stages["fold"]["inserted_ops"]
+    by_name = {n.name: n.op_type for n in res.model.graph.node}
+    assert _ops(res.model) - _ops(original) == Counter(by_name[n] for n in inserted)
+    assert sorted(inserted) == ["conv2_cwac_bias_DequantizeLinear", "mm_cwac_Add"] or len(inserted) < 2
+    assert res.stages["fold"]["check"]["forced_max_rel"]["y"] <= 1e-5
+    assert res.cwac.output_error[res.cwac.target] <= res.cwac.output_error["none"]
+    # activation quantizers untouched: same scales and zero points as onnxruntime chose
+    inits = lambda m: {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}  # noqa: E731
+    a, b = inits(original), inits(res.model)
+    for node in original.graph.node:
+        if node.op_type == "QuantizeLinear":
+            for name in node.input[1:]:
+                np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_qdq_model_passed_as_float_is_explained(tmp_path):
+    _, qdq_path, calib = _ort_quantized(tmp_path)
+    with pytest.raises(QwtError, match="already quantized") as e:
+        compile_model(qdq_path, calib, tmp_path / "o.onnx")
+    assert "--float-model" in str(e.value)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_upgrade_mode(tmp_path):
+    float_path, qdq_path, calib = _ort_quantized(tmp_path)
+    np.savez(tmp_path / "c.npz", x=np.concatenate([c["x"] for c in calib]))
+    res = CliRunner().invoke(main, ["compile", str(qdq_path), "--float-model", str(float_path),
+                                    "--calib", str(tmp_path / "c.npz")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ort.cwac.onnx").exists() and "CWAC: target" in res.output
+
+
+def test_cwac_params_are_folded_exactly(tmp_path):
+    onnx.save(conv_net(seed=4), tmp_path / "m.onnx")
+    rng = np.random.default_rng(4)
+    calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(12)]
+    params = {"w1:gain": rng.uniform(0.8, 1.2, 8), "w1:bias": rng.normal(0, 0.1, 8),
+              "wg:gain": -rng.uniform(0.8, 1.2, 16), "wg:bias": rng.normal(0, 0.1, 16)}
+    np.savez(tmp_path / "p.npz", **params)
+    cfg = CompileConfig(cwac=CwacConfig(params=str(tmp_path / "p.npz")), holdout_samples=4)
+    res = compile_model(tmp_path / "m.onnx", calib, tmp_path / "q.onnx", cfg, unfused_path=tmp_path / "u.onnx")
+    assert res.cwac.target == "params" and set(res.cwac.compensations) == {"conv1", "gemm"}
+    np.testing.assert_array_equal(res.cwac.compensations["gemm"].gain, params["wg:gain"].astype(np.float32))
+    assert res.stages["fold"]["check"]["forced_max_rel"]["y"] <= 1e-5
+    assert _ops(res.model) == _ops(res.plain_model)
+
+
+def test_cwac_params_with_unknown_names_or_wrong_sizes(tmp_path):
+    onnx.save(conv_net(seed=4), tmp_path / "m.onnx")
+    calib = [{"x": np.ones((1, 3, 8, 8), np.float32)} for _ in range(4)]
+    for params, match in (({"nope:gain": np.ones(8)}, "match no quantized layer"),
+                          ({"w1:gain": np.ones(5)}, "do not match its 8 output channels")):
+        np.savez(tmp_path / "p.npz", **params)
+        cfg = CompileConfig(cwac=CwacConfig(params=str(tmp_path / "p.npz")), holdout_samples=0)
+        with pytest.raises(QwtError, match=match):
+            compile_model(tmp_path / "m.onnx", calib, tmp_path / "q.onnx", cfg)
+        assert not (tmp_path / "q.onnx").exists()
