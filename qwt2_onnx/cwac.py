@@ -115,8 +115,8 @@ def build_graphs(qmodel, compensations: dict[str, Compensation], int32_bias: boo
 
 def constrain_full_range(qmodel, compensations: dict[str, Compensation]) -> tuple[dict[str, Compensation], int]:
     """Leave alone (g = 1, β = 0) every channel whose gain is negative but whose integer weight row holds the
-    type's minimum (−128 / −8): negating that row would overflow.  Only models quantized on the full
-    range (another tool's, in upgrade mode) have such rows.  Returns (compensations, channels constrained)."""
+    type's minimum (−128 / −8) or has a nonzero zero point: negating that row would overflow.  Only models
+    quantized by another tool (upgrade mode) have such rows.  Returns (compensations, channels constrained)."""
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(qmodel)
@@ -128,9 +128,12 @@ def constrain_full_range(qmodel, compensations: dict[str, Compensation]) -> tupl
             out[name] = comp
             continue
         w = np.asarray(dq.inputs[0].values)
-        axis = int(dq.attrs.get("axis", 1)) % w.ndim
-        rows_min = np.any(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) == _int_min(w), axis=1)
-        bad = (comp.gain < 0) & rows_min if rows_min.size == comp.gain.size else np.zeros(comp.gain.size, bool)
+        scale = np.asarray(dq.inputs[1].values)
+        zp = np.asarray(dq.inputs[2].values).astype(np.int64) if len(dq.inputs) > 2 else np.zeros(1, np.int64)
+        axis = int(dq.attrs.get("axis", 1)) % w.ndim if scale.size > 1 else _out_axis(nodes[name])
+        rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        unflippable = np.any(rows == _int_min(w), axis=1) | np.broadcast_to(zp.reshape(-1) != 0, (rows.shape[0],))
+        bad = (comp.gain < 0) & unflippable if unflippable.size == comp.gain.size else np.zeros(comp.gain.size, bool)
         if bad.any():
             constrained += int(bad.sum())
             comp = dataclasses.replace(comp, gain=np.where(bad, 1.0, comp.gain).astype(np.float32),
@@ -138,6 +141,12 @@ def constrain_full_range(qmodel, compensations: dict[str, Compensation]) -> tupl
                                        stats={**comp.stats, "full_range_negative_gain_left_alone": int(bad.sum())})
         out[name] = comp
     return out, constrained
+
+
+def _out_axis(node) -> int:
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    return 0 if node.op == "Conv" else 1
 
 
 def _int_min(w: np.ndarray) -> int:

@@ -30,6 +30,7 @@ from .inspect_ort import FusionReport, fusion_report
 from .model_io import load_model, save_model_atomic
 from .equivalence import check_fold
 from .passes.fold_batchnorm import FoldBatchNormPass
+from .passes.fold_constant_quantizers import FoldConstantQuantizersPass
 from .passes.insert_qdq import InsertQDQPass
 from .passes.normalize import NormalizePass
 from .passes.simplify import SimplifyPass
@@ -151,7 +152,9 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
         next(iter(data))
     with _stage("normalize", seconds):
         float_model = NormalizePass(13)(fmodel).graph
-        qgraph = gs.import_onnx(qmodel)
+        result = FoldConstantQuantizersPass()(NormalizePass(13)(qmodel).graph)
+        stages["normalize"] = result.stats
+        qgraph = gs.import_onnx(result.graph)
         plain = export_model(qgraph.toposort())
     with _stage("plan", seconds):
         plan = plan_from_qdq(gs.import_onnx(plain), gs.import_onnx(float_model))

@@ -8,18 +8,14 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.calib_data import CalibrationSet, InputSpec
 from qwt2_onnx.config import CwacConfig
-from qwt2_onnx.cwac import ChannelSums, Compensation, fit_affine
-from qwt2_onnx.cwac_fit import layer_stages, staged_fit
+from qwt2_onnx.cwac import ChannelSums, fit_affine
+from qwt2_onnx.cwac_fit import prefix_staged_fit, staged_fit
 from qwt2_onnx.equivalence import check_fold
-from qwt2_onnx.graph_io import export_model
-from qwt2_onnx.passes.insert_compensation import InsertCompensationPass, compensation_point
-from qwt2_onnx.runtime import make_session, with_outputs
 from tiny_models import conv_net
 
 
@@ -69,43 +65,13 @@ def _compiled(tmp_path, wbits=4, n=24, seed=0):
     return compile_model(tmp_path / "m.onnx", calib, tmp_path / "q.onnx", cfg, measure=False), calib
 
 
-def _reference_staged_fit(float_model, qmodel, plan, calib, cfg):
-    """The exact protocol the slow way: per stage, run the whole unfused prefix on every sample;
-    the same per-layer held-out gate."""
-    qgraph = gs.import_onnx(qmodel)
-    nodes = {n.name: n for n in qgraph.nodes}
-    layers = [lp.node for lp in plan.layers]
-    stages = layer_stages(qgraph, layers)
-    points = {name: compensation_point(nodes[name]).name for name in layers}
-    n_hold = int(round(len(calib) * cfg.holdout_fraction))
-    parts = {"fit": calib[:len(calib) - n_hold], "hold": calib[len(calib) - n_hold:]}
-    comps = {}
-    for s in range(1, max(stages.values()) + 1):
-        members = [n for n in layers if stages[n] == s]
-        unfused = export_model(InsertCompensationPass(comps)(gs.import_onnx(qmodel)).graph) if comps else qmodel
-        outs = [points[n] for n in members]  # none of the members is compensated yet: names unchanged
-        qs = make_session(with_outputs(unfused, outs), optimized=False)
-        fs = make_session(with_outputs(float_model, outs), optimized=True)
-        sums = {}
-        for part, feeds in parts.items():
-            for feed in feeds:
-                for name, q, f in zip(members, qs.run(outs, feed), fs.run(outs, feed)):
-                    axis = 1 if nodes[name].op in ("Conv", "ConvTranspose") else -1
-                    sums.setdefault((part, name), ChannelSums(q.shape[axis], axis)).update(q, f)
-        for name in members:
-            g, b, _ = fit_affine(sums[("fit", name)], cfg.lam, cfg.max_gain)
-            if sums[("hold", name)].mse(g, b) < sums[("hold", name)].mse():
-                comps[name] = Compensation(name, g, b, sums[("fit", name)].axis, "global", {})
-    return comps
-
-
 @pytest.mark.parametrize("wbits", [4, 8])
 def test_segment_cached_fit_equals_whole_prefix_reruns(tmp_path, wbits):
     res, calib = _compiled(tmp_path, wbits=wbits)
     cfg = CwacConfig(target="global")
     data = CalibrationSet(lambda: iter(calib), InputSpec.from_model(res.float_model), "test", len(calib))
     comps, fits = staged_fit(res.float_model, res.plain_model, res.plan, data, "global", cfg, batch_size=4)
-    ref = _reference_staged_fit(res.float_model, res.plain_model, res.plan, calib, cfg)
+    ref = prefix_staged_fit(res.float_model, res.plain_model, res.plan, data, cfg, batch_size=4)
     assert max(f.stage for f in fits) == 4  # conv1 -> conv2 -> gemm -> mm: four stages
     assert set(comps) == set(ref) and ref, (set(comps), set(ref))
     for name, comp in ref.items():

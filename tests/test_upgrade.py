@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from qwt2_onnx import CompileConfig, QuantConfig, QwtError, compile_model
+from qwt2_onnx import CompileConfig, QwtError, compile_model
 from qwt2_onnx.cli import main
 from qwt2_onnx.config import CwacConfig
 from qwt2_onnx.pipeline import upgrade_model

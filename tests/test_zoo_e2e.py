@@ -6,6 +6,8 @@ Models are fetched by tools/zoo.py (skipped only when no package index answers).
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,6 +15,7 @@ import pytest
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.inspect_ort import INTEGER_KERNELS
+from qwt2_onnx.pipeline import upgrade_model
 
 pytestmark = pytest.mark.zoo
 MODELS = ["ppocr_det", "ppocr_rec", "ppocr_cls", "yolov8n", "orientation"]
@@ -56,6 +59,33 @@ def test_zoo_compiles_and_runs(name, variant, zoo_path, tmp_path):
     # and measured in full by tools/zoo_eval.py
     for name_out, stats in res.fidelity.deployed.items():
         assert stats.cosine > (0.8 if variant != "w4a8-ort" else 0.5), (name_out, stats)
+    # CWAC: never worse on held-out samples, folded with no extra op, fused == unfused given the same codes
+    fit = res.cwac
+    assert fit.output_error[fit.target] <= fit.output_error["none"]
+    ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
+    assert ops(res.model) == ops(res.plain_model), res.stages["fold"]["inserted_ops"]
+    check = res.stages["fold"]["check"]
+    assert max([*check["forced_max_rel"].values(), *check["forced_quantizer_max_rel"].values()]) <= 1e-5
+
+
+def test_zoo_upgrade_mode_on_onnxruntime_output(zoo_path, tmp_path):
+    """Upgrade mode on onnxruntime's quantize_static output (its defaults; the Paddle model's weights are
+    Constant nodes, so onnxruntime quantizes them as activations: Q(constant) -> DQ)."""
+    from zoo_ort_baseline import ort_quantize
+    from zoo_tasks import TASKS
+
+    model = zoo_path("ppocr_cls")
+    feeds = TASKS["ppocr_cls"].calib_feeds(model, 32)
+    ort_quantize(model, feeds, tmp_path / "ort.onnx")
+    samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(32)]
+    res = upgrade_model(tmp_path / "ort.onnx", model, samples, tmp_path / "up.onnx", CompileConfig(holdout_samples=8))
+    assert res.stages["normalize"]["constant_quantizers_folded"] > 0
+    assert len(res.plan.layers) == 54 and res.cwac.compensations
+    assert res.cwac.output_error[res.cwac.target] < res.cwac.output_error["none"]
+    assert res.stages["fold"]["check"]["forced_max_rel"]
+    assert max(res.stages["fold"]["check"]["forced_quantizer_max_rel"].values()) <= 1e-5
+    for name_out, stats in res.fidelity.simulated.items():
+        assert stats.sqnr_db >= res.fidelity.baseline[name_out].sqnr_db, name_out  # ORT quantizes the softmax output
 
 
 @pytest.mark.parametrize("name", MODELS)

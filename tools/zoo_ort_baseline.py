@@ -77,7 +77,7 @@ SWEEP: dict[str, list[str]] = {
     "ppocr_rec": ["defaults", "rr", "cmg", *_PP],
     "ppocr_det": ["defaults", "rr", "cmg", *_PP],
     "yolov8n": [*_BASE, "pp_defaults", "pp_rr"],
-    "ppocr_cls": ["defaults", "rr", "pp_defaults", "pp_rr"],
+    "ppocr_cls": ["defaults", "rr", "cmg", "rr_cmg", "pp_defaults", "pp_rr", "pp_cmg", "pp_rr_cmg"],
     "orientation": ["defaults", "rr", "pp_defaults", "pp_rr"],
 }
 
@@ -238,8 +238,10 @@ def run_configs(name, configs, n_calib, out, timeout=None, log=None):
 
 def write_best(records, path):
     """Best configuration per model (by HEADLINE, ties: the first tried) and
-    the float and defaults metrics, from sweep records, as JSON to *path*."""
-    best = {}
+    the float and defaults metrics, from sweep records, merged into the JSON
+    at *path* (models without records keep their entry)."""
+    p = pathlib.Path(path)
+    best = json.loads(p.read_text()) if p.is_file() else {}
     for name, keys in HEADLINE.items():
         recs = [r for r in records if r["model"] == name and "metrics" in r]
         quant = [r for r in recs if r["config"] != "float"]

@@ -32,7 +32,11 @@ what the fused one does, up to float rounding.
 
 Preconditions (else skip with a reason): the weight is a constant integer
 tensor read only by its DQ, which is read only by this layer; its DQ is
-per-channel on the output axis with zero points 0.
+per-channel on the output axis (a per-tensor DQ is converted first).  A
+nonzero weight zero point z (another tool's asymmetric weights) is fine for
+g ≥ 0, since g·s·(w_q − z) = (g·s)·(w_q − z); a negative gain on such a row,
+or on a full-range row holding the type's minimum, cannot be folded without
+overflow and is left alone before the fit is used (``constrain_full_range``).
 """
 from __future__ import annotations
 
@@ -121,14 +125,14 @@ def _to_per_channel(node: gs.Node) -> bool:
     zp = dq.inputs[2] if len(dq.inputs) > 2 else None
     if _values(scale).size != 1 or len(w.outputs) > 1 or len(node.inputs[1].outputs) > 1:
         return False
-    if zp is not None and (not isinstance(zp, gs.Constant) or np.any(_values(zp).astype(np.int64) != 0)):
+    if zp is not None and (not isinstance(zp, gs.Constant) or _values(zp).size != 1):
         return False
     axis = 0 if node.op == "Conv" else 1 if node.op in ("ConvTranspose", "MatMul") else (
         0 if int(node.attrs.get("transB", 0)) else 1)
     channels = w.shape[axis]
     scale.values = np.full(channels, float(_values(scale).reshape(())), np.float32)
     if zp is not None:
-        zp.values = np.zeros(channels, _values(zp).dtype)
+        zp.values = np.full(channels, _values(zp).reshape(()), _values(zp).dtype)
     dq.attrs["axis"] = axis
     return True
 
@@ -184,8 +188,8 @@ class FoldCompensationPass:
             0 if int(node.attrs.get("transB", 0)) else 1)
         if _values(scale).size != w.shape[out_axis] or axis % len(w.shape) != out_axis:
             return "weight_not_per_channel_on_output_axis"
-        if zp is not None and np.any(_values(zp).astype(np.int64) != 0):
-            return "weight_zero_point_not_zero"
+        if zp is not None and not isinstance(zp, gs.Constant):
+            return "weight_zero_point_not_constant"
         return None
 
     @staticmethod
@@ -196,9 +200,13 @@ class FoldCompensationPass:
         shape = [1] * len(w.shape)
         shape[axis] = -1
         sign = np.where(gain < 0, -1, 1).reshape(shape)
-        keep = (gain != 0).reshape(shape)
+        zero = (gain == 0).reshape(shape)
+        zp = _values(dq.inputs[2]).astype(np.int32).reshape(shape) if len(dq.inputs) > 2 else np.zeros(shape, np.int32)
+        if np.any((gain.reshape(shape) < 0) & (zp != 0)):
+            raise ValueError("negative gain on a weight row with a nonzero zero point (constrain_full_range first)")
         w_q = _values(w)
-        w.values = (w_q.astype(np.int8) * sign * keep).astype(w_q.dtype)
+        # g < 0: negate the row (zero point 0); g = 0: the row becomes its zero point (dequantizes to 0)
+        w.values = np.where(zero, zp, w_q.astype(np.int32) * sign).astype(w_q.dtype)
         scale.values = w_scale
 
     @staticmethod

@@ -1,0 +1,93 @@
+"""Upgrade mode on the zoo: CWAC fitted and folded on onnxruntime ``quantize_static`` output.
+
+    python tools/zoo_upgrade.py [names...] [--n-calib 64] [--json docs/zoo_results.json]
+
+Per zoo model, onnxruntime quantizes it with its best configuration found by
+``tools/zoo_ort_baseline.py --sweep`` (``best_<model>`` in ORT_CONFIGS) at
+W8A8, and with the same options and int4 weights (``weight_type=QInt4``) at
+W4A8; ``upgrade_model`` then fits CWAC on that model's own grid against the
+float model onnxruntime quantized (its ``quant_pre_process`` output when the
+configuration pre-processes).  The task metric of both is measured simulated
+(optimizations off) and deployed (all optimizations), on the same calibration
+samples as every other variant.  Results merge into the JSON as
+``ort-best-<bits>`` and ``upgrade-ort-best-<bits>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from qwt2_onnx import CompileConfig  # noqa: E402
+from qwt2_onnx.pipeline import upgrade_model  # noqa: E402
+from zoo import fetch_model  # noqa: E402
+from zoo_eval import session  # noqa: E402
+from zoo_ort_baseline import _quiet, config_options, ort_quantize  # noqa: E402
+from zoo_tasks import TASKS  # noqa: E402
+
+
+def run(name: str, bits: str, n_calib: int, workdir: Path) -> tuple[dict, dict]:
+    task, model = TASKS[name], fetch_model(name)
+    feeds = task.calib_feeds(model, n_calib)
+    options = dict(config_options(name, "best"))
+    if bits == "w4a8":
+        options["weight_type"] = "QInt4"
+    qpath = workdir / f"{name}.{bits}.ort.onnx"
+    t0 = time.perf_counter()
+    ort_quantize(model, feeds, qpath, **options)
+    ort_s = time.perf_counter() - t0
+    float_ref = Path(str(qpath) + ".pre.onnx") if options.get("pre_process") else model
+    samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(n_calib)]
+    out = workdir / f"{name}.{bits}.upgraded.onnx"
+    t0 = time.perf_counter()
+    res = upgrade_model(qpath, float_ref, samples, out, CompileConfig(holdout_samples=0))
+    up_s = time.perf_counter() - t0
+    fsess = session(str(model), True)
+    ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
+    base = {"model": name, "variant": f"ort-best-{bits}", "options": options, "compile_s": round(ort_s, 1),
+            "simulated": task.evaluate(session(str(qpath), False), fsess),
+            "deployed": task.evaluate(session(str(qpath), True), fsess), "fusion": "–"}
+    up = {"model": name, "variant": f"upgrade-ort-best-{bits}", "compile_s": round(up_s, 1),
+          "simulated": task.evaluate(session(str(out), False), fsess),
+          "deployed": task.evaluate(session(str(out), True), fsess),
+          "fusion": res.fusion.summary(), "layers": len(res.plan.layers), "skipped": res.plan.skipped,
+          "cwac": {**res.stages["cwac_fit"], "fit_s": round(res.cwac.seconds, 1),
+                   "fold_check": res.stages["fold"]["check"], "inserted_ops": res.stages["fold"]["inserted_ops"],
+                   "strategies": dict(Counter(res.stages["fold"]["strategies"].values()))},
+          "op_histogram_equal_input": ops(res.model) == ops(res.plain_model)}
+    return base, up
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--bits", nargs="+", default=["w8a8", "w4a8"])
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--json", type=Path, default=Path("docs/zoo_results.json"))
+    args = ap.parse_args(argv)
+    _quiet()
+    results = json.loads(args.json.read_text()) if args.json.exists() else {}
+    with tempfile.TemporaryDirectory() as d:
+        for name in args.names or list(TASKS):
+            for bits in args.bits:
+                try:
+                    base, up = run(name, bits, args.n_calib, Path(d))
+                except Exception as e:  # noqa: BLE001  (record, go on with the next model)
+                    print(f"{name} {bits}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    results.setdefault(name, {})[f"upgrade-ort-best-{bits}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                    continue
+                entry = results.setdefault(name, {})
+                entry[base["variant"]], entry[up["variant"]] = base, up
+                print(f"{name} {bits}: ort deployed {base['deployed']} -> upgraded {up['deployed']}", flush=True)
+                args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
