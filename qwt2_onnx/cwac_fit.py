@@ -72,6 +72,23 @@ class CwacFit:
     seconds: float
 
 
+def layer_report(fit: CwacFit, strategies: dict[str, str]) -> list[dict]:
+    """One record per layer of the chosen fit: stage, status, fold strategy, gain range, held-out error."""
+    rows = []
+    for f in fit.layers:
+        comp = fit.compensations.get(f.layer)
+        rows.append({"layer": f.layer, "stage": f.stage,
+                     "status": f.status if fit.target != "none" else "not compensated: no held-out output gain",
+                     "fold": strategies.get(f.layer, "–"),
+                     "gain_min": float(comp.gain.min()) if comp is not None else None,
+                     "gain_max": float(comp.gain.max()) if comp is not None else None,
+                     "negative_gains": int((comp.gain < 0).sum()) if comp is not None else 0,
+                     "heldout_mse_before": f.mse_before, "heldout_mse_after": f.mse_after,
+                     "zero_variance_channels": f.stats.get("zero_variance", 0),
+                     "rejected_channels": f.stats.get("rejected_channels", 0)})
+    return rows
+
+
 def layer_stages(graph: gs.Graph, layers: list[str]) -> dict[str, int]:
     """Stage of each layer: 1 + max stage of quantized layers upstream."""
     wanted = set(layers)

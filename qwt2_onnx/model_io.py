@@ -85,6 +85,22 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *,
     return out
 
 
+def save_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a small text file (a report) atomically: temp file in the destination directory, then rename."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise QwtError(f"could not write {out}: {e.strerror or e}", fix="free disk space or choose another -o path") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            Path(tmp).unlink()
+    return out
+
+
 def _retarget_external(model_file: str, data_name: str) -> None:
     """Point the external-data references of ``model_file`` at ``data_name``."""
     m = onnx.load(model_file, load_external_data=False)

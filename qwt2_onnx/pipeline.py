@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -22,12 +23,12 @@ from .calib_data import CalibrationSet, InputSpec, open_calibration
 from .calibrate import collect_ranges
 from .config import CompileConfig
 from .cwac import build_graphs, constrain_full_range, load_cwac_params
-from .cwac_fit import CwacFit, fit_compensations
+from .cwac_fit import CwacFit, fit_compensations, layer_report
 from .errors import QwtError, StageError
 from .graph_io import export_model
 from .fidelity import FidelityReport, measure_fidelity
 from .inspect_ort import FusionReport, fusion_report
-from .model_io import load_model, save_model_atomic
+from .model_io import load_model, save_model_atomic, save_text_atomic
 from .equivalence import check_fold
 from .passes.fold_batchnorm import FoldBatchNormPass
 from .passes.fold_constant_quantizers import FoldConstantQuantizersPass
@@ -211,6 +212,11 @@ def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_
         save_model_atomic(qmodel, output_path)
         if unfused_path is not None:
             save_model_atomic(unfused, Path(unfused_path))
+        if cwac is not None:
+            report = {"schema": "qwt2-onnx/cwac-layers/1", "target": cwac.target,
+                      "output_error": cwac.output_error,
+                      "layers": layer_report(cwac, stages["fold"]["strategies"])}
+            save_text_atomic(json.dumps(report, indent=1) + "\n", cwac_report_path(output_path))
     fusion = fidelity = None
     if measure:
         with _stage("inspect", seconds):
@@ -219,6 +225,11 @@ def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_
             fidelity = measure_fidelity(float_model, qmodel, eval_part, config.calib.batch_size, held_out,
                                         baseline=plain if cwac and cwac.compensations else None)
     return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds, cwac, plain)
+
+
+def cwac_report_path(output_path: Path) -> Path:
+    """Where the per-layer CWAC report goes: beside the model, ``OUT.cwac.json``."""
+    return output_path.with_name(output_path.name.removesuffix(".onnx") + ".cwac.json")
 
 
 def _refuse_quantized(model: onnx.ModelProto, path: Path) -> None:

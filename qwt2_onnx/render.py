@@ -39,7 +39,10 @@ def render_summary(result) -> str:
 def _cwac_lines(result) -> list[str]:
     fit, fold = result.cwac, result.stages.get("fold", {})
     errs = ", ".join(f"{k} {v:.3g}" for k, v in fit.output_error.items())
-    lines = [f"CWAC: target {fit.target}, {len(fit.compensations)}/{len(result.plan.layers)} layers compensated "
+    from .pipeline import cwac_report_path
+
+    lines = [f"per-layer CWAC report: {cwac_report_path(result.output_path)}",
+             f"CWAC: target {fit.target}, {len(fit.compensations)}/{len(result.plan.layers)} layers compensated "
              f"in {fit.stages} stages, fit {fit.seconds:.1f}s; held-out output error: {errs}"]
     rejected = Counter(f.status for f in fit.layers if f.status != "compensated")
     for status, n in sorted(rejected.items()):

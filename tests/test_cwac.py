@@ -4,6 +4,7 @@ artifacts (fused / unfused / --no-cwac)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 
 import numpy as np
@@ -93,6 +94,9 @@ def test_cwac_never_worse_and_fold_is_exact(tmp_path):
     assert ops(on.model) == ops(on.plain_model) == ops(res.model)
     unfused = onnx.load(tmp_path / "u.onnx")
     assert ops(unfused)["Mul"] == ops(on.plain_model)["Mul"] + len(fit.compensations)
+    report = json.loads((tmp_path / "c.cwac.json").read_text())
+    assert report["target"] == fit.target and [r["layer"] for r in report["layers"]] == [f.layer for f in fit.layers]
+    assert all(r["fold"] != "–" for r in report["layers"] if r["layer"] in fit.compensations)
     check = check_fold(on.model, unfused, calib[:6], 2)
     assert check.worst_forced <= 1e-5, check
     assert on.stages["fold"]["check"]["forced_max_rel"] == pytest.approx(on.stages["fold"]["check"]["forced_max_rel"])

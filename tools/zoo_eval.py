@@ -44,7 +44,8 @@ for _k, _q in _QUANT.items():
     VARIANTS[f"{_k}-plain"] = (_q, CwacConfig(enabled=False))
     VARIANTS[f"{_k}-global"] = (_q, CwacConfig(target="global"))
     VARIANTS[f"{_k}-local"] = (_q, CwacConfig(target="local"))
-DEFAULT_VARIANTS = [v for k in _QUANT for v in (k, f"{k}-plain")]
+DEFAULT_VARIANTS = [v for k in _QUANT for v in (k, f"{k}-plain")] + [
+    f"{k}-{t}" for k in ("w8a8-ort", "w4a8-ort") for t in ("global", "local")]
 
 
 def session(path: str, optimized: bool) -> ort.InferenceSession:
@@ -53,6 +54,40 @@ def session(path: str, optimized: bool) -> ort.InferenceSession:
     if not optimized:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+class MeasuredSession:
+    """A session that also compares every output with the float session's on the same feed
+    (output SQNR / cosine vs float over the task's evaluation inputs)."""
+
+    def __init__(self, sess, float_sess):
+        from qwt2_onnx.metrics import ErrorStats
+
+        self._sess, self._float = sess, float_sess
+        self.stats = {o.name: ErrorStats() for o in sess.get_outputs()}
+
+    def __getattr__(self, attr):
+        return getattr(self._sess, attr)
+
+    def run(self, names, feed, *args):
+        out = self._sess.run(names, feed, *args)
+        names = names or [o.name for o in self._sess.get_outputs()]
+        for n, a, b in zip(names, self._float.run(names, feed), out):
+            self.stats[n].update(a, b)
+        return out
+
+    def summary(self) -> dict:
+        return {n: s.as_dict() for n, s in self.stats.items()}
+
+
+def evaluate(task, path: str, fsess) -> tuple[dict, dict]:
+    """(task metrics, output fidelity) simulated and deployed: {"simulated": ..., "deployed": ...} each."""
+    metrics, fidelity = {}, {}
+    for kind, optimized in (("simulated", False), ("deployed", True)):
+        ms = MeasuredSession(session(path, optimized), fsess)
+        metrics[kind] = task.evaluate(ms, fsess)
+        fidelity[kind] = ms.summary()
+    return metrics, fidelity
 
 
 def evaluate_ours(name: str, variant: str, n_calib: int, workdir: Path, calib: CalibConfig = CalibConfig()) -> dict:
@@ -76,8 +111,8 @@ def evaluate_ours(name: str, variant: str, n_calib: int, workdir: Path, calib: C
                        "fold_check": res.stages["fold"]["check"],
                        "inserted_ops": res.stages["fold"]["inserted_ops"],
                        "strategies": dict(Counter(res.stages["fold"]["strategies"].values()))}
-    row["simulated"] = task.evaluate(session(str(out), False), fsess)
-    row["deployed"] = task.evaluate(session(str(out), True), fsess)
+    metrics, row["output_fidelity"] = evaluate(task, str(out), fsess)
+    row.update(metrics)
     return row
 
 

@@ -1,6 +1,7 @@
-"""Render docs/zoo_results.json (written by tools/zoo_eval.py) into docs/ZOO.md.
+"""Render docs/zoo_results.json (tools/zoo_eval.py, tools/zoo_upgrade.py) and tools/ort_best_configs.json
+(tools/zoo_ort_baseline.py --sweep) into docs/ZOO.md.
 
-    python tools/zoo_report.py [--json docs/zoo_results.json] [--out docs/ZOO.md]
+    python tools/zoo_report.py [--json docs/zoo_results.json] [--ort tools/ort_best_configs.json] [--out docs/ZOO.md]
 """
 from __future__ import annotations
 
@@ -11,9 +12,20 @@ from pathlib import Path
 
 import onnxruntime
 
-HEADLINE = {"ppocr_rec": ["char_acc_en", "char_acc_zh"], "ppocr_cls": ["acc"], "orientation": ["acc"],
-            "ppocr_det": ["gt_recall", "map_iou"], "yolov8n": ["recall", "precision", "score_cos"]}
-ORDER = ["ort-defaults", "ort-best", "ours-w8a8-ort", "ours-w8a8-trt", "ours-w4a8-ort", "ort-w4a8"]
+HEADLINE = {"ppocr_rec": ["char_acc_en", "char_acc_zh"], "ppocr_cls": ["acc", "agree_float"],
+            "orientation": ["acc"], "ppocr_det": ["gt_recall", "map_iou"], "yolov8n": ["recall", "precision",
+                                                                                     "score_cos"]}
+ORDER = ["ours-w8a8-ort-plain", "ours-w8a8-ort", "ours-w8a8-ort-global", "ours-w8a8-ort-local",
+         "ours-w8a8-trt-plain", "ours-w8a8-trt",
+         "ours-w4a8-ort-plain", "ours-w4a8-ort", "ours-w4a8-ort-global", "ours-w4a8-ort-local",
+         "ort-best-w8a8", "upgrade-ort-best-w8a8", "ort-best-w4a8", "upgrade-ort-best-w4a8"]
+LABEL = {"ours-w8a8-ort-plain": "ours W8A8 ort, `--no-cwac`", "ours-w8a8-ort": "ours W8A8 ort (CWAC, auto)",
+         "ours-w8a8-ort-global": "ours W8A8 ort, CWAC global", "ours-w8a8-ort-local": "ours W8A8 ort, CWAC local",
+         "ours-w8a8-trt-plain": "ours W8A8 trt, `--no-cwac`", "ours-w8a8-trt": "ours W8A8 trt (CWAC, auto)",
+         "ours-w4a8-ort-plain": "ours W4A8 ort, `--no-cwac`", "ours-w4a8-ort": "ours W4A8 ort (CWAC, auto)",
+         "ours-w4a8-ort-global": "ours W4A8 ort, CWAC global", "ours-w4a8-ort-local": "ours W4A8 ort, CWAC local",
+         "ort-best-w8a8": "onnxruntime best (W8A8)", "upgrade-ort-best-w8a8": "↳ upgraded with CWAC",
+         "ort-best-w4a8": "onnxruntime best, int4 weights", "upgrade-ort-best-w4a8": "↳ upgraded with CWAC"}
 
 
 def _cell(metrics: dict | None, keys: list[str]) -> str:
@@ -22,35 +34,94 @@ def _cell(metrics: dict | None, keys: list[str]) -> str:
     return " / ".join(f"{metrics[k]:.3f}" if k in metrics else "–" for k in keys)
 
 
-def render(results: dict) -> str:
-    lines = ["# Zoo results: task metrics, float vs onnxruntime quantize_static vs qwt2-onnx", "",
-             "Regenerate: `python tools/zoo_eval.py && python tools/zoo_report.py` "
-             f"(onnxruntime {onnxruntime.__version__}, {platform.machine()}, 2 cores, AVX2 without VNNI).",
-             "Every variant calibrates on the same 64 samples of the task's calibration set (tools/zoo_tasks.py).",
-             "*deployed*: onnxruntime CPU with all graph optimizations (integer kernels); *simulated*: optimizations",
-             "off (every Q/DQ in float).  onnxruntime's own models are only shown deployed, as users run them.", ""]
+def _sqnr(row: dict, kind: str) -> str:
+    fid = row.get("output_fidelity", {}).get(kind)
+    if not fid:
+        return "–"
+    return " / ".join(f"{v['sqnr_db']:.1f}" for v in fid.values())
+
+
+def _cwac(row: dict) -> str:
+    c = row.get("cwac")
+    if not c:
+        return "–"
+    return (f"{c['target']}, {c['compensated']}/{c['layers'] if 'layers' in c else row.get('layers')} layers, "
+            f"{c['stages']} stages, fit {c['fit_s']}s")
+
+
+def model_table(model: str, entry: dict, ort: dict) -> list[str]:
+    keys = HEADLINE.get(model, sorted(entry.get("float", {})))
+    lines = [f"## {model}", "", f"Task metric: {' / '.join(keys)}.  Output SQNR (dB) vs float on the evaluation "
+             "inputs, per graph output.", "",
+             "| variant | simulated | deployed | deployed SQNR | compile (s) | CWAC | integer kernels |",
+             "|---|---|---|---|---:|---|---|",
+             f"| float | {_cell(entry.get('float'), keys)} | {_cell(entry.get('float'), keys)} | – | – | – | – |"]
+    o = ort.get(model)
+    if o:
+        lines.append(f"| onnxruntime `quantize_static` defaults | – | {_cell(o.get('defaults_metrics'), keys)} | – | – "
+                     "| – | – |")
+        lines.append(f"| onnxruntime best of {o['n_configs_tried']} (`{o['best_config']}`) | – | "
+                     f"{_cell(o['metrics'], keys)} | – | {o['quantize_s']} | – | – |")
+    for variant in ORDER:
+        row = entry.get(variant)
+        if not row or "error" in row:
+            if row:
+                lines.append(f"| {LABEL[variant]} | failed: {row['error'][:80]} | | | | | |")
+            continue
+        lines.append(f"| {LABEL[variant]} | {_cell(row.get('simulated'), keys)} | {_cell(row.get('deployed'), keys)} | "
+                     f"{_sqnr(row, 'deployed')} | {row.get('compile_s', '–')} | {_cwac(row)} | {row.get('fusion', '–')} |")
+    return lines + [""]
+
+
+def cwac_table(results: dict) -> list[str]:
+    """Plain vs CWAC, deployed headline metric, gap recovered, and the fold's invariants."""
+    lines = ["## CWAC summary (deployed, first headline metric)", "",
+             "*gap recovered* = (CWAC − plain) / (float − plain), where plain < float.  *held-out output error*: "
+             "Σ over outputs of MSE / mean(float²) on the held-out calibration part, the quantity the gate "
+             "judges by (none → chosen).  *fold check*: max relative difference fused vs unfused given the same "
+             "activation codes (outputs and every quantizer input); *ops*: fused op histogram == plain.", "",
+             "| model | bits/target | float | plain | CWAC | gap recovered | SQNR plain → CWAC (dB) | "
+             "held-out output error | fold check | ops equal |", "|---|---|---:|---:|---:|---:|---|---|---:|---|"]
     for model, entry in results.items():
-        keys = HEADLINE.get(model, sorted(entry.get("float", {})))
-        lines += [f"## {model}", "", f"Metric: {' / '.join(keys)}", "",
-                  "| variant | simulated | deployed | compile (s) | integer kernels |", "|---|---|---|---:|---|",
-                  f"| float | {_cell(entry.get('float'), keys)} | {_cell(entry.get('float'), keys)} | – | – |"]
-        for variant in ORDER:
-            row = entry.get(variant)
-            if row is None:
+        key = HEADLINE.get(model, [None])[0]
+        f = entry.get("float", {}).get(key)
+        for tag in ("w8a8-ort", "w8a8-trt", "w4a8-ort"):
+            plain, cw = entry.get(f"ours-{tag}-plain"), entry.get(f"ours-{tag}")
+            if not plain or not cw or "deployed" not in cw or "cwac" not in cw:
                 continue
-            label = variant + (f" (`{row['options']}`)" if row.get("options") else "")
-            lines.append(f"| {label} | {_cell(row.get('simulated'), keys)} | {_cell(row.get('deployed'), keys)} | "
-                         f"{row.get('compile_s', '–')} | {row.get('fusion', '–')} |")
-        lines.append("")
+            p, c = plain["deployed"][key], cw["deployed"][key]
+            gap = f"{(c - p) / (f - p):.0%}" if f is not None and f - p > 1e-9 else "–"
+            err = cw["cwac"]["output_error"]
+            chk = cw["cwac"]["fold_check"]
+            worst = max([*chk["forced_max_rel"].values(), *chk["forced_quantizer_max_rel"].values()])
+            lines.append(f"| {model} | {tag} | {f:.3f} | {p:.3f} | {c:.3f} | {gap} | {_sqnr(plain, 'deployed')} → "
+                         f"{_sqnr(cw, 'deployed')} | {err['none']:.3g} → {err[cw['cwac']['target']]:.3g} "
+                         f"({cw['cwac']['target']}) | {worst:.1e} | {cw.get('op_histogram_equal_plain')} |")
+    return lines + [""]
+
+
+def render(results: dict, ort: dict) -> str:
+    lines = ["# Zoo results: float vs onnxruntime quantize_static vs qwt2-onnx (plain PTQ and CWAC)", "",
+             "Regenerate: `python tools/zoo_eval.py && python tools/zoo_upgrade.py && python tools/zoo_report.py` "
+             f"(onnxruntime {onnxruntime.__version__}, {platform.machine()}, 2 cores, AVX2 without VNNI).",
+             "Every variant calibrates on the same 64 samples of the task's calibration set (tools/zoo_tasks.py); "
+             "CWAC fits on them too (48 fit + 16 held out for its gates).",
+             "*deployed*: onnxruntime CPU with all graph optimizations (integer kernels); *simulated*: optimizations "
+             "off (every Q/DQ in float).  onnxruntime's sweep rows are deployed only, as users run them.", ""]
+    lines += cwac_table(results)
+    for model, entry in results.items():
+        lines += model_table(model, entry, ort)
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path("docs/zoo_results.json"))
+    ap.add_argument("--ort", type=Path, default=Path("tools/ort_best_configs.json"))
     ap.add_argument("--out", type=Path, default=Path("docs/ZOO.md"))
     args = ap.parse_args()
-    args.out.write_text(render(json.loads(args.json.read_text())))
+    ort = json.loads(args.ort.read_text()) if args.ort.exists() else {}
+    args.out.write_text(render(json.loads(args.json.read_text()), ort))
     print(args.out.read_text())
 
 

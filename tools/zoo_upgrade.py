@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qwt2_onnx import CompileConfig  # noqa: E402
 from qwt2_onnx.pipeline import upgrade_model  # noqa: E402
 from zoo import fetch_model  # noqa: E402
-from zoo_eval import session  # noqa: E402
+from zoo_eval import evaluate, session  # noqa: E402
 from zoo_ort_baseline import _quiet, config_options, ort_quantize  # noqa: E402
 from zoo_tasks import TASKS  # noqa: E402
 
@@ -51,16 +51,17 @@ def run(name: str, bits: str, n_calib: int, workdir: Path) -> tuple[dict, dict]:
     fsess = session(str(model), True)
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
     base = {"model": name, "variant": f"ort-best-{bits}", "options": options, "compile_s": round(ort_s, 1),
-            "simulated": task.evaluate(session(str(qpath), False), fsess),
-            "deployed": task.evaluate(session(str(qpath), True), fsess), "fusion": "–"}
+            "fusion": "–"}
+    base_metrics, base["output_fidelity"] = evaluate(task, str(qpath), fsess)
+    base.update(base_metrics)
     up = {"model": name, "variant": f"upgrade-ort-best-{bits}", "compile_s": round(up_s, 1),
-          "simulated": task.evaluate(session(str(out), False), fsess),
-          "deployed": task.evaluate(session(str(out), True), fsess),
           "fusion": res.fusion.summary(), "layers": len(res.plan.layers), "skipped": res.plan.skipped,
           "cwac": {**res.stages["cwac_fit"], "fit_s": round(res.cwac.seconds, 1),
                    "fold_check": res.stages["fold"]["check"], "inserted_ops": res.stages["fold"]["inserted_ops"],
                    "strategies": dict(Counter(res.stages["fold"]["strategies"].values()))},
           "op_histogram_equal_input": ops(res.model) == ops(res.plain_model)}
+    up_metrics, up["output_fidelity"] = evaluate(task, str(out), fsess)
+    up.update(up_metrics)
     return base, up
 
 
