@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .calib_data import ImagePreprocess, InputSpec, random_calibration
+from .calib_data import ImagePreprocess, InputSpec, open_calibration, random_calibration
 from .config import CalibConfig, CompileConfig, CwacConfig, QuantConfig
 from .errors import QwtError
 from .model_io import load_model
@@ -66,6 +66,7 @@ def main(verbose: int) -> None:
 @click.option("--cwac-lambda", type=float, default=0.0, show_default=True, help="Shrink CWAC gains toward 1.")
 @click.option("--emit-unfused", type=click.Path(path_type=Path), default=None,
               help="Also write the unfused graph (explicit CWAC Mul/Add ops) here.")
+@click.option("--no-check", is_flag=True, help="Skip the equivalence check and its report (JSON + HTML beside OUT).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--image-size", default=None, help="Image folders: H,W.")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
@@ -76,7 +77,7 @@ def main(verbose: int) -> None:
 def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abits, full_range_weights,
                 calib_method, percentile, batch_size, max_samples, exclude, exclude_op, float_model, cwac_params,
                 no_cwac, cwac_target,
-                cwac_lambda, emit_unfused, no_simplify,
+                cwac_lambda, emit_unfused, no_check, no_simplify,
                 image_size, layout, mean, std, scale, channel_order) -> None:
     """Compile MODEL (float ONNX) into a QDQ model.  Without MODEL: the embedded digits CNN."""
     from . import default_model
@@ -95,7 +96,7 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
         config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples),
                                cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, lam=cwac_lambda,
                                                params=str(cwac_params) if cwac_params else None),
-                               simplify=not no_simplify)
+                               simplify=not no_simplify, check=not no_check)
         if no_cwac and (cwac_target != "auto" or cwac_lambda != 0.0 or emit_unfused):
             click.echo("warning: --cwac-target / --cwac-lambda / --emit-unfused have no effect with --no-cwac", err=True)
         if calib_method != "percentile" and percentile != 99.99:
@@ -131,8 +132,122 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
         if demo:
             click.echo(_demo_accuracy(result))
     except QwtError as e:
-        click.secho(f"error: {e}", fg="red", err=True)
-        sys.exit(2)
+        _fail(e)
+
+
+def _fail(e: QwtError) -> None:
+    """Print a user error without a traceback; exit 1 for a failed check, 2 for anything else."""
+    click.secho(f"error: {e}", fg="red", err=True)
+    sys.exit(getattr(e, "exit_code", 2))
+
+
+def _check_data(model: Path, data: Path | None, random_data: int | None, seed: int):
+    """--data, or --random-data N (seeded, loudly): the samples a check runs on, and the seed if generated."""
+    if (data is None) == (random_data is None):
+        raise QwtError("pass exactly one of --data DATA and --random-data N", fix="--data takes the --calib formats")
+    specs = InputSpec.from_model(load_model(model))
+    if random_data is not None:
+        click.secho(f"WARNING: checking on {random_data} random samples (seed {seed}); real data exercises the "
+                    "ranges the model sees.", fg="yellow", err=True)
+        return random_calibration(specs, random_data, seed=seed), seed
+    return open_calibration(data, specs), None
+
+
+def _tolerances(atol: tuple[str, ...], rtol: tuple[str, ...], statistic: str, default_rtol: float) -> dict:
+    """--atol/--rtol as VALUE (all outputs) or NAME=VALUE (one output or part) -> {name or '*': Tolerance}."""
+    from .diffstats import Tolerance
+
+    values: dict[str, dict[str, float]] = {"*": {"atol": 0.0, "rtol": default_rtol}}
+    for kind, items in (("atol", atol), ("rtol", rtol)):
+        for item in items:
+            name, _, value = item.rpartition("=") if "=" in item else ("*", "", item)
+            try:
+                values.setdefault(name, dict(values["*"]))[kind] = float(value)
+            except ValueError:
+                raise click.BadParameter(f"--{kind} {item!r}: expected VALUE or NAME=VALUE") from None
+    return {name: Tolerance(v["atol"], v["rtol"], statistic) for name, v in values.items()}
+
+
+def _write_report(report, directory: Path | None) -> None:
+    from .model_io import save_text_atomic
+    from .report import dumps, render_html, render_terminal
+
+    click.echo(render_terminal(report))
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_text_atomic(dumps(report), directory / "report.json")
+        save_text_atomic(render_html(report), directory / "report.html")
+        click.echo(f"report: {directory / 'report.json'}, {directory / 'report.html'}")
+
+
+_DATA_OPTIONS = [
+    click.option("--data", type=click.Path(path_type=Path), help="Samples: the --calib formats."),
+    click.option("--random-data", type=int, default=None, metavar="N", help="N seeded random samples instead."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
+                 help="Write report.json and report.html into this folder."),
+    click.option("--atol", multiple=True, help="VALUE or OUTPUT=VALUE (repeatable)."),
+    click.option("--rtol", multiple=True, help="VALUE or OUTPUT=VALUE (repeatable)."),
+    click.option("--statistic", type=click.Choice(["max", "p99", "mean"]), default="max", show_default=True,
+                 help="Which statistic of |Δ| the tolerance bounds."),
+    click.option("--batch-size", type=int, default=8, show_default=True),
+]
+
+
+def _data_options(f):
+    for option in reversed(_DATA_OPTIONS):
+        f = option(f)
+    return f
+
+
+@main.command("check")
+@click.argument("fused", type=click.Path(path_type=Path))
+@click.argument("unfused", type=click.Path(path_type=Path))
+@_data_options
+def check_cmd(fused, unfused, data, random_data, seed, report_dir, atol, rtol, statistic, batch_size) -> None:
+    """Prove FUSED (CWAC folded) computes what UNFUSED (explicit Mul/Add) does.  Exit 0 pass, 1 fail, 2 error."""
+    from .checker import CheckReport, check, data_summary, now
+
+    try:
+        samples, used_seed = _check_data(unfused, data, random_data, seed)
+        tol = _tolerances(atol, rtol, statistic, 1e-5)["*"]
+        fm, um = load_model(fused), load_model(unfused)
+        comparisons = check(fm, um, samples, tol, batch_size)
+        report = CheckReport("check", {"fused": str(fused), "unfused": str(unfused)},
+                             data_summary(samples, batch_size, used_seed), comparisons, now())
+        _write_report(report, report_dir)
+        sys.exit(0 if report.passed else 1)
+    except QwtError as e:
+        _fail(e)
+
+
+@main.command("diff")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@_data_options
+@click.option("--output-part", multiple=True, help="NAME=OUTPUT:axis=A:START:STOP, e.g. boxes=output0:axis=1:0:4.")
+@click.option("--simulated", is_flag=True, help="Run CANDIDATE with optimizations off (float simulation).")
+def diff_cmd(reference, candidate, data, random_data, seed, report_dir, atol, rtol, statistic, batch_size,
+             output_part, simulated) -> None:
+    """Numerical diff of two models with the same interface (e.g. float vs int8).  Exit 0 pass, 1 fail, 2 error."""
+    from .checker import CheckReport, OutputPart, data_summary, diff, now
+
+    try:
+        samples, used_seed = _check_data(reference, data, random_data, seed)
+        parts = tuple(OutputPart.parse(p) for p in output_part)
+        tols = _tolerances(atol, rtol, statistic, 1e-5)
+        comp = diff(load_model(reference), load_model(candidate), samples, tols, parts, batch_size,
+                    deployed=not simulated)
+        unknown = sorted(set(tols) - {"*"} - set(comp.outputs))
+        if unknown:
+            raise QwtError(f"tolerance for unknown output(s) {', '.join(unknown)}",
+                           notes=[f"outputs and parts: {', '.join(comp.outputs)}"], fix="use one of those names")
+        report = CheckReport("diff", {"reference": str(reference), "candidate": str(candidate)},
+                             data_summary(samples, batch_size, used_seed), [comp], now())
+        _write_report(report, report_dir)
+        sys.exit(0 if report.passed else 1)
+    except QwtError as e:
+        _fail(e)
 
 
 class _Progress:

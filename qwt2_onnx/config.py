@@ -107,4 +107,5 @@ class CompileConfig:
     calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
     cwac: CwacConfig = dataclasses.field(default_factory=CwacConfig)
     simplify: bool = True
+    check: bool = True  # fused vs unfused check + float/plain/CWAC comparison, report beside the model
     holdout_samples: int = 16  # calibration samples kept aside for the fidelity summary

@@ -70,6 +70,12 @@ class CwacFit:
     output_error: dict[str, float]  # candidate -> held-out output error (lower is better)
     stages: int
     seconds: float
+    full_range_left_alone: int = 0  # channels left uncompensated: negative gain on an unflippable row
+
+    def summary(self, n_layers: int) -> dict:
+        return {"target": self.target, "compensated": len(self.compensations), "layers": n_layers,
+                "stages": self.stages, "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
+                "full_range_negative_gain_left_alone": self.full_range_left_alone, "fit_s": round(self.seconds, 2)}
 
 
 def layer_report(fit: CwacFit, strategies: dict[str, str]) -> list[dict]:

@@ -8,16 +8,20 @@ flipped code (1 LSB) then propagates downstream.  The comparison therefore
 has two parts, both in float simulation (onnxruntime, optimizations off):
 
 * **forced**: every activation QuantizeLinear of both graphs is replaced by
-  the integer codes the *unfused* graph produced on the same input, so both
-  graphs see identical quantized activations.  What remains is the fold
-  itself: any error in a folded scale, sign or bias shows here, at the layer
-  that has it, while float rounding does not accumulate across layers::
+  the integer codes the *unfused* graph produced, so both graphs see
+  identical quantized activations.  What remains is the fold itself: an error
+  in a folded scale, sign or bias shows at the layer that has it (each layer's
+  compensated output is compared), while float rounding cannot accumulate::
 
       unfused:  ... ─► Q ─► codes ─► DQ ─► layer ─► Mul(g) ─► Add(β) ─► ...
       fused:    ... ─►      codes ─► DQ ─► layer' ─► ...     (codes fed in)
 
 * **free-running**: both graphs run on their own; the number of activation
   codes that differ (tie flips), and the resulting output difference.
+
+Layers are matched by node name (the passes keep node names), and a layer's
+tensor is its compensation point: the output, or a MatMul's bias-Add output,
+followed through the explicit compensation ``Mul``/``Add`` when present.
 """
 from __future__ import annotations
 
@@ -28,24 +32,34 @@ import onnx
 from onnx import helper
 
 from .calib_data import CalibrationSet
+from .diffstats import DiffAccumulator, DiffStats
 from .runtime import batches, make_session
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclasses.dataclass
 class FoldCheck:
-    forced_max_rel: dict[str, float]  # output -> max|fused − unfused| / max|unfused|, same activation codes
-    forced_quantizer_max_rel: dict[str, float]  # the same at each activation quantizer's float input
-    free_max_rel: dict[str, float]  # output -> the same, each graph running free
+    forced_outputs: dict[str, DiffStats]  # fused vs unfused, same activation codes
+    forced_layers: dict[str, DiffStats]  # layer -> its compensated output, same activation codes
+    free_outputs: dict[str, DiffStats]  # each graph running free
     codes: int  # activation codes compared (free-running)
     flipped: int  # of which differ between the graphs
     max_code_diff: int  # in LSBs
 
     @property
     def worst_forced(self) -> float:
-        return max([*self.forced_max_rel.values(), *self.forced_quantizer_max_rel.values()], default=0.0)
+        return max([s.max_rel for s in (*self.forced_outputs.values(), *self.forced_layers.values())], default=0.0)
+
+    def summary(self) -> dict:
+        """The JSON-able numbers (max relative difference per tensor)."""
+        return {"forced_max_rel": {k: s.max_rel for k, s in self.forced_outputs.items()},
+                "forced_layer_max_rel": {k: s.max_rel for k, s in self.forced_layers.items()},
+                "free_max_rel": {k: s.max_rel for k, s in self.free_outputs.items()},
+                "codes": self.codes, "flipped": self.flipped, "max_code_diff": self.max_code_diff}
 
 
-def _activation_quantizers(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
+def activation_quantizers(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
     """Output name -> (elem type, float input name) of every QuantizeLinear of a non-constant tensor."""
     consts = {t.name for t in model.graph.initializer}
     types = {t.name: t.data_type for t in model.graph.initializer}
@@ -57,7 +71,41 @@ def _activation_quantizers(model: onnx.ModelProto) -> dict[str, tuple[int, str]]
     return out
 
 
-def _exposing(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.ModelProto:
+def layer_outputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Layer node name -> the tensor holding its (compensated) output, for layers with a constant or
+    dequantized weight."""
+    consts = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def single(t: str, op: str) -> onnx.NodeProto | None:
+        c = consumers.get(t, [])
+        return c[0] if len(c) == 1 and c[0].op_type == op and t not in graph_outputs else None
+
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in LAYER_OPS or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        if w not in consts and not (w in producer and producer[w].op_type == "DequantizeLinear"):
+            continue
+        t = node.output[0]
+        add = single(t, "Add") if node.op_type == "MatMul" else None
+        if add is not None and any(i in consts or (i in producer and producer[i].op_type == "DequantizeLinear")
+                                   for i in add.input if i != t):
+            t = add.output[0]
+        mul = single(t, "Mul")
+        if mul is not None and mul.name == f"{node.name}_cwac_Mul" and (cadd := single(mul.output[0], "Add")):
+            t = cadd.output[0]
+        out[node.name] = t
+    return out
+
+
+def exposing(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.ModelProto:
     """``model`` that also returns ``tensors`` (name -> elem type)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -66,42 +114,34 @@ def _exposing(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.ModelProt
     return m
 
 
-def _forced(model: onnx.ModelProto, codes: dict[str, int]) -> onnx.ModelProto:
+def _forced(model: onnx.ModelProto, codes: dict[str, tuple[int, str]], extra: dict[str, int]) -> onnx.ModelProto:
     """``model`` with each activation quantizer removed and its output made a graph input."""
-    sources = {src: onnx.TensorProto.FLOAT for _, src in _activation_quantizers(model).values()}
     m = onnx.ModelProto()
     m.CopyFrom(model)
     keep = [n for n in m.graph.node if not (n.op_type == "QuantizeLinear" and n.output[0] in codes)]
     del m.graph.node[:]
     m.graph.node.extend(keep)
     m.graph.input.extend(helper.make_tensor_value_info(n, t, None) for n, (t, _) in codes.items())
-    return _exposing(m, sources)
-
-
-def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size == 0:
-        return 0.0
-    return float(np.max(np.abs(a.astype(np.float64) - b)) / max(float(np.max(np.abs(b))), 1e-30))
+    return exposing(m, extra)
 
 
 def check_fold(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> FoldCheck:
-    codes = _activation_quantizers(unfused)
-    if set(_activation_quantizers(fused)) != set(codes):
+    codes = activation_quantizers(unfused)
+    if set(activation_quantizers(fused)) != set(codes):
         raise ValueError("fused and unfused graphs have different activation quantizers")
     outputs = [o.name for o in unfused.graph.output]
-    names = outputs + [c for c in codes if c not in outputs]
+    f_layers, u_layers = layer_outputs(fused), layer_outputs(unfused)
+    layers = [k for k in u_layers if k in f_layers]
+    fl = {f_layers[k]: onnx.TensorProto.FLOAT for k in layers}
+    ul = {u_layers[k]: onnx.TensorProto.FLOAT for k in layers}
     code_types = {c: t for c, (t, _) in codes.items()}
-    run_u = make_session(_exposing(unfused, code_types), optimized=False)
-    run_f = make_session(_exposing(fused, code_types), optimized=False)
-    forced_u = make_session(_forced(unfused, codes), optimized=False)
-    forced_f = make_session(_forced(fused, codes), optimized=False)
-    forced = {o: 0.0 for o in outputs}
-    free = {o: 0.0 for o in outputs}
-    q_inputs_u = {c: src for c, (_, src) in codes.items()}
-    q_inputs_f = {c: src for c, (_, src) in _activation_quantizers(fused).items()}
-    at_q = {c: 0.0 for c in codes}
-    forced_names_u = outputs + list(dict.fromkeys(q_inputs_u.values()))
-    forced_names_f = outputs + list(dict.fromkeys(q_inputs_f.values()))
+    run_u = make_session(exposing(unfused, code_types), optimized=False)
+    run_f = make_session(exposing(fused, code_types), optimized=False)
+    forced_u = make_session(_forced(unfused, codes, ul), optimized=False)
+    forced_f = make_session(_forced(fused, codes, fl), optimized=False)
+    names = outputs + [c for c in codes if c not in outputs]
+    acc = {kind: {o: DiffAccumulator(o) for o in outputs} for kind in ("forced", "free")}
+    acc_layers = {k: DiffAccumulator(k) for k in layers}
     total = flipped = worst = 0
     for feed, _ in batches(data, batch_size):
         u = dict(zip(names, run_u.run(names, feed)))
@@ -110,12 +150,16 @@ def check_fold(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: Calibrati
             d = np.abs(u[c].astype(np.int32) - f[c].astype(np.int32))
             total, flipped = total + d.size, flipped + int(np.count_nonzero(d))
             worst = max(worst, int(d.max()) if d.size else 0)
-        feed_codes = {**feed, **{c: u[c] for c in codes}}
-        fu = dict(zip(forced_names_u, forced_u.run(forced_names_u, feed_codes)))
-        ff = dict(zip(forced_names_f, forced_f.run(forced_names_f, feed_codes)))
         for o in outputs:
-            forced[o] = max(forced[o], _max_rel(ff[o], fu[o]))
-            free[o] = max(free[o], _max_rel(f[o], u[o]))
-        for c in codes:
-            at_q[c] = max(at_q[c], _max_rel(ff[q_inputs_f[c]], fu[q_inputs_u[c]]))
-    return FoldCheck(forced, at_q, free, total, flipped, worst)
+            acc["free"][o].update(u[o], f[o])
+        feed_codes = {**feed, **{c: u[c] for c in codes}}
+        fu_names, ff_names = outputs + list(ul), outputs + list(fl)
+        fu = dict(zip(fu_names, forced_u.run(fu_names, feed_codes)))
+        ff = dict(zip(ff_names, forced_f.run(ff_names, feed_codes)))
+        for o in outputs:
+            acc["forced"][o].update(fu[o], ff[o])
+        for k in layers:
+            acc_layers[k].update(fu[u_layers[k]], ff[f_layers[k]])
+    return FoldCheck({o: a.result() for o, a in acc["forced"].items()},
+                     {k: a.result() for k, a in acc_layers.items()},
+                     {o: a.result() for o, a in acc["free"].items()}, total, flipped, worst)

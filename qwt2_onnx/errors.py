@@ -35,3 +35,9 @@ class StageError(QwtError):
         super().__init__(f"stage '{stage}' failed{where}: {detail}", notes, fix)
         self.stage = stage
         self.node = node
+
+
+class CheckFailed(QwtError):
+    """The equivalence check failed: the CLI exits 1 (not 2), and the report is kept."""
+
+    exit_code = 1

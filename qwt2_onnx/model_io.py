@@ -47,15 +47,22 @@ def _needs_external_data(model: onnx.ModelProto, threshold: int) -> bool:
     return model.ByteSize() > threshold
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *,
-                      external_threshold: int = PROTOBUF_LIMIT) -> Path:
-    """Write ``model`` to ``path`` atomically; external data if it is too big."""
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """The directory ``path`` will be written in, or a QwtError if it is missing or read-only."""
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise QwtError(f"output directory does not exist: {parent}", fix="create it or pass another -o path")
     if not os.access(parent, os.W_OK):
         raise QwtError(f"output directory is not writable: {parent}", fix="pass an -o path in a writable directory")
+    return parent
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *,
+                      external_threshold: int = PROTOBUF_LIMIT) -> Path:
+    """Write ``model`` to ``path`` atomically; external data if it is too big."""
+    out = Path(path)
+    parent = check_output_dir(out)
     external = _needs_external_data(model, external_threshold)
     data_name = out.name + ".data"
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
@@ -88,16 +95,20 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *,
 def save_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a small text file (a report) atomically: temp file in the destination directory, then rename."""
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    check_output_dir(out)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, out)
     except OSError as e:
-        raise QwtError(f"could not write {out}: {e.strerror or e}", fix="free disk space or choose another -o path") from None
+        raise QwtError(f"could not write {out}: {e.strerror or e}",
+                       fix="check that the directory exists and is writable, or choose another -o path") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            Path(tmp).unlink()
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                Path(tmp).unlink()
     return out
 
 

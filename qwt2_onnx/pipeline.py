@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -24,12 +23,15 @@ from .calibrate import collect_ranges
 from .config import CompileConfig
 from .cwac import build_graphs, constrain_full_range, load_cwac_params
 from .cwac_fit import CwacFit, fit_compensations, layer_report
-from .errors import QwtError, StageError
+from .errors import CheckFailed, QwtError, StageError
 from .graph_io import export_model
 from .fidelity import FidelityReport, measure_fidelity
 from .inspect_ort import FusionReport, fusion_report
-from .model_io import load_model, save_model_atomic, save_text_atomic
+from .model_io import check_output_dir, load_model, save_model_atomic, save_text_atomic
+from .checker import CheckReport, data_summary, deployed_comparison, fold_comparisons, layer_comparison, now
+from .diffstats import Tolerance
 from .equivalence import check_fold
+from .report import dumps, render_html
 from .passes.fold_batchnorm import FoldBatchNormPass
 from .passes.fold_constant_quantizers import FoldConstantQuantizersPass
 from .passes.insert_qdq import InsertQDQPass
@@ -55,6 +57,7 @@ class CompileResult:
     seconds: dict[str, float]
     cwac: CwacFit | None = None
     plain_model: onnx.ModelProto | None = None  # the plain QDQ model (before CWAC)
+    report: CheckReport | None = None
 
 
 @contextlib.contextmanager
@@ -62,7 +65,7 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
-    except StageError:
+    except (StageError, CheckFailed):
         raise
     except QwtError as e:
         raise StageError(name, e) from None
@@ -94,6 +97,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
     if output_path.resolve() == model_path.resolve():
         raise QwtError("the output path is the input model", notes=[f"path: {model_path}"],
                        fix="pass a different -o path; the input model is never overwritten")
+    check_output_dir(output_path)
     with _stage("load", seconds):
         model = load_model(model_path)
         _refuse_quantized(model, model_path)
@@ -139,6 +143,7 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
     if output_path.resolve() in (qdq_path.resolve(), float_path.resolve()):
         raise QwtError("the output path is an input model", notes=[f"path: {output_path}"],
                        fix="pass a different -o path; input models are never overwritten")
+    check_output_dir(output_path)
     with _stage("load", seconds):
         qmodel, fmodel = load_model(qdq_path), load_model(float_path)
         if "DequantizeLinear" not in {n.op_type for n in qmodel.graph.node}:
@@ -171,52 +176,25 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
 
 def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
                           unfused_path, measure, seconds, stages) -> CompileResult:
-    """fit CWAC ─► fold (fused vs unfused check) ─► lint ─► write ─► fusion report ─► fidelity."""
+    """fit CWAC ─► fold ─► lint ─► check (report) ─► write ─► fusion report ─► fidelity."""
     qcfg = config.quant
-    graph = gs.import_onnx(plain)
-    cwac, unfused = None, plain
+    cwac, unfused, fused, fold = None, plain, plain, None
     if config.cwac.enabled:
         with _stage("cwac_fit", seconds):
-            if config.cwac.params is not None:
-                cwac = CwacFit(load_cwac_params(config.cwac.params, plan, plain), "params", [], {}, 0, 0.0)
-            else:
-                cwac = fit_compensations(float_model, plain, plan, calib_part, config.cwac, config.calib.batch_size)
-            comps, constrained = constrain_full_range(plain, cwac.compensations)
-            cwac = dataclasses.replace(cwac, compensations=comps)
-            stages["cwac_fit"] = {"target": cwac.target, "compensated": len(cwac.compensations),
-                                  "layers": len(plan.layers), "stages": cwac.stages,
-                                  "output_error": {k: round(v, 8) for k, v in cwac.output_error.items()},
-                                  "full_range_negative_gain_left_alone": constrained}
+            cwac = _fit(float_model, plain, plan, calib_part, config)
+            stages["cwac_fit"] = cwac.summary(len(plan.layers))
         with _stage("fold", seconds):
-            unfused, fused, fold_stats = build_graphs(plain, cwac.compensations, int32_bias=qcfg.target == "ort")
-            check = check_fold(fused, unfused, eval_part, config.calib.batch_size)
-            fold_stats["check"] = dataclasses.asdict(check)
-            stages["fold"] = fold_stats
-            if check.worst_forced > FOLD_TOLERANCE:
-                raise QwtError("the folded graph does not compute what the unfused graph computes",
-                               notes=[f"{t}: max relative difference {d:.3g} > {FOLD_TOLERANCE:g}"
-                                      for t, d in {**check.forced_max_rel, **check.forced_quantizer_max_rel}.items()
-                                      if d > FOLD_TOLERANCE][:10],
-                               fix="report this as a bug; --no-cwac writes the plain QDQ model meanwhile")
-            graph = gs.import_onnx(fused)
+            unfused, fused, stages["fold"] = build_graphs(plain, cwac.compensations, int32_bias=qcfg.target == "ort")
+            fold = check_fold(fused, unfused, eval_part, config.calib.batch_size)
+            stages["fold"]["check"] = fold.summary()
     with _stage("lint", seconds):
-        if qcfg.target == "trt":
-            violations = TrtLintPass()(graph).stats["violations"]
-            if violations:
-                raise QwtError("the graph breaks TensorRT's quantization rules; nothing was written",
-                               notes=violations[:10], fix="report this as a bug: --target trt should never produce it")
-        qmodel = export_model(graph)
-        qmodel.producer_name, qmodel.producer_version = "qwt2-onnx", "0.1.0"
-        onnx.checker.check_model(qmodel, full_check=True)
+        qmodel = _lint_and_export(gs.import_onnx(fused), qcfg)
+    report = None
+    if config.check:
+        with _stage("check", seconds):
+            report = _compile_report(float_model, plain, qmodel, unfused, fold, cwac, stages, eval_part, config)
     with _stage("write", seconds):
-        save_model_atomic(qmodel, output_path)
-        if unfused_path is not None:
-            save_model_atomic(unfused, Path(unfused_path))
-        if cwac is not None:
-            report = {"schema": "qwt2-onnx/cwac-layers/1", "target": cwac.target,
-                      "output_error": cwac.output_error,
-                      "layers": layer_report(cwac, stages["fold"]["strategies"])}
-            save_text_atomic(json.dumps(report, indent=1) + "\n", cwac_report_path(output_path))
+        _write(qmodel, unfused if unfused_path else None, report, fold, output_path, unfused_path)
     fusion = fidelity = None
     if measure:
         with _stage("inspect", seconds):
@@ -224,12 +202,68 @@ def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_
         with _stage("fidelity", seconds):
             fidelity = measure_fidelity(float_model, qmodel, eval_part, config.calib.batch_size, held_out,
                                         baseline=plain if cwac and cwac.compensations else None)
-    return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds, cwac, plain)
+    return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds, cwac, plain, report)
 
 
-def cwac_report_path(output_path: Path) -> Path:
-    """Where the per-layer CWAC report goes: beside the model, ``OUT.cwac.json``."""
-    return output_path.with_name(output_path.name.removesuffix(".onnx") + ".cwac.json")
+def _fit(float_model, plain, plan, calib_part, config) -> CwacFit:
+    if config.cwac.params is not None:
+        cwac = CwacFit(load_cwac_params(config.cwac.params, plan, plain), "params", [], {}, 0, 0.0)
+    else:
+        cwac = fit_compensations(float_model, plain, plan, calib_part, config.cwac, config.calib.batch_size)
+    comps, constrained = constrain_full_range(plain, cwac.compensations)
+    return dataclasses.replace(cwac, compensations=comps, full_range_left_alone=constrained)
+
+
+def _lint_and_export(graph: gs.Graph, qcfg) -> onnx.ModelProto:
+    if qcfg.target == "trt":
+        violations = TrtLintPass()(graph).stats["violations"]
+        if violations:
+            raise QwtError("the graph breaks TensorRT's quantization rules; nothing was written",
+                           notes=violations[:10], fix="report this as a bug: --target trt should never produce it")
+    qmodel = export_model(graph)
+    qmodel.producer_name, qmodel.producer_version = "qwt2-onnx", "0.1.0"
+    onnx.checker.check_model(qmodel, full_check=True)
+    return qmodel
+
+
+def _compile_report(float_model, plain, qmodel, unfused, fold, cwac, stages, data, config) -> CheckReport:
+    """Comparisons 1-3 of DESIGN.md §5 on the held-out samples, plus the per-layer CWAC records."""
+    bs, tol = config.calib.batch_size, Tolerance(rtol=FOLD_TOLERANCE)
+    comparisons = []
+    if fold is not None:
+        comparisons += fold_comparisons(fold, tol, ("unfused", "fused"))
+        comparisons.append(deployed_comparison(qmodel, unfused, data, bs, ("unfused", "fused")))
+    comparisons.append(layer_comparison("plain PTQ (float simulation) vs float", float_model, plain, data, bs,
+                                        ("float", "plain PTQ"), role="plain_vs_float"))
+    if fold is not None:
+        comparisons.append(layer_comparison("CWAC (fused, float simulation) vs float", float_model, qmodel, data, bs,
+                                            ("float", "CWAC"), role="cwac_vs_float"))
+    layers = layer_report(cwac, stages["fold"]["strategies"]) if cwac is not None else []
+    return CheckReport("compile", {"output": "the compiled model"}, data_summary(data, bs), comparisons, now(), layers)
+
+
+def _write(qmodel, unfused, report, fold, output_path: Path, unfused_path) -> None:
+    """The report first; the model only when the check passed (a failing model is never written)."""
+    if report is not None:
+        json_path, html_path = report_paths(output_path)
+        save_text_atomic(dumps(report), json_path)
+        save_text_atomic(render_html(report), html_path)
+    failed = (report is not None and not report.passed) or (fold is not None and fold.worst_forced > FOLD_TOLERANCE)
+    if failed:
+        lines = [v.line() for v in (report.verdicts if report else []) if not v.passed][:10]
+        raise CheckFailed("the folded model does not compute what the unfused model computes; nothing was written",
+                          notes=lines or [f"max relative difference {fold.worst_forced:.3g} > {FOLD_TOLERANCE:g}"],
+                          fix=f"see the report {report_paths(output_path)[1]}" if report else
+                          "report this as a bug; --no-cwac writes the plain QDQ model meanwhile")
+    save_model_atomic(qmodel, output_path)
+    if unfused is not None:
+        save_model_atomic(unfused, Path(unfused_path))
+
+
+def report_paths(output_path: Path) -> tuple[Path, Path]:
+    """Where the check report goes: beside the model, ``OUT.report.json`` and ``OUT.report.html``."""
+    stem = output_path.name.removesuffix(".onnx")
+    return output_path.with_name(stem + ".report.json"), output_path.with_name(stem + ".report.html")
 
 
 def _refuse_quantized(model: onnx.ModelProto, path: Path) -> None:

@@ -31,6 +31,12 @@ def render_summary(result) -> str:
             base = f" | plain PTQ simulated SQNR {fid.baseline[name].sqnr_db:.1f} dB" if fid.baseline else ""
             lines.append(f"  {name}: simulated SQNR {s.sqnr_db:.1f} dB cos {s.cosine:.5f} | "
                          f"deployed SQNR {d.sqnr_db:.1f} dB cos {d.cosine:.5f}{base}")
+    if result.report is not None:
+        from .pipeline import report_paths
+        from .report import render_terminal
+
+        lines.append("check: " + render_terminal(result.report, max_lines=4).replace("\n", "\n  "))
+        lines.append(f"report: {report_paths(result.output_path)[0]} and .html")
     times = " ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     lines.append(f"time: {times}")
     return "\n".join(lines)
@@ -39,10 +45,7 @@ def render_summary(result) -> str:
 def _cwac_lines(result) -> list[str]:
     fit, fold = result.cwac, result.stages.get("fold", {})
     errs = ", ".join(f"{k} {v:.3g}" for k, v in fit.output_error.items())
-    from .pipeline import cwac_report_path
-
-    lines = [f"per-layer CWAC report: {cwac_report_path(result.output_path)}",
-             f"CWAC: target {fit.target}, {len(fit.compensations)}/{len(result.plan.layers)} layers compensated "
+    lines = [f"CWAC: target {fit.target}, {len(fit.compensations)}/{len(result.plan.layers)} layers compensated "
              f"in {fit.stages} stages, fit {fit.seconds:.1f}s; held-out output error: {errs}"]
     rejected = Counter(f.status for f in fit.layers if f.status != "compensated")
     for status, n in sorted(rejected.items()):
@@ -53,7 +56,7 @@ def _cwac_lines(result) -> list[str]:
         lines.append(f"  extra ops inserted: {len(fold['inserted_ops'])} ({', '.join(fold['inserted_ops'][:5])})")
     check = fold.get("check")
     if check:
-        worst = max([*check["forced_max_rel"].values(), *check["forced_quantizer_max_rel"].values()], default=0.0)
+        worst = max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()], default=0.0)
         lines.append(f"  fused vs unfused (same activation codes): max relative difference {worst:.2g}; "
                      f"free-running: {check['flipped']}/{check['codes']} activation codes differ (rounding ties)")
     return lines

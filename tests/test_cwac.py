@@ -94,12 +94,15 @@ def test_cwac_never_worse_and_fold_is_exact(tmp_path):
     assert ops(on.model) == ops(on.plain_model) == ops(res.model)
     unfused = onnx.load(tmp_path / "u.onnx")
     assert ops(unfused)["Mul"] == ops(on.plain_model)["Mul"] + len(fit.compensations)
-    report = json.loads((tmp_path / "c.cwac.json").read_text())
-    assert report["target"] == fit.target and [r["layer"] for r in report["layers"]] == [f.layer for f in fit.layers]
-    assert all(r["fold"] != "–" for r in report["layers"] if r["layer"] in fit.compensations)
+    report = json.loads((tmp_path / "c.report.json").read_text())
+    assert report["passed"] and (tmp_path / "c.report.html").exists()
+    assert [r["layer"] for r in report["cwac_layers"]] == [f.layer for f in fit.layers]
+    assert all(r["fold"] != "–" for r in report["cwac_layers"] if r["layer"] in fit.compensations)
+    roles = [c["role"] for c in report["comparisons"]]
+    assert roles == ["fold", "free", "deployed", "plain_vs_float", "cwac_vs_float"]
     check = check_fold(on.model, unfused, calib[:6], 2)
     assert check.worst_forced <= 1e-5, check
-    assert on.stages["fold"]["check"]["forced_max_rel"] == pytest.approx(on.stages["fold"]["check"]["forced_max_rel"])
+    assert set(check.forced_layers) == {lp.node for lp in on.plan.layers}
 
 
 def test_fold_check_catches_a_one_percent_scale_error(tmp_path):

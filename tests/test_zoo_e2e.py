@@ -65,7 +65,8 @@ def test_zoo_compiles_and_runs(name, variant, zoo_path, tmp_path):
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
     assert ops(res.model) == ops(res.plain_model), res.stages["fold"]["inserted_ops"]
     check = res.stages["fold"]["check"]
-    assert max([*check["forced_max_rel"].values(), *check["forced_quantizer_max_rel"].values()]) <= 1e-5
+    assert max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()]) <= 1e-5
+    assert set(check["forced_layer_max_rel"]) == {lp.node for lp in res.plan.layers}
 
 
 def test_zoo_upgrade_mode_on_onnxruntime_output(zoo_path, tmp_path):
@@ -82,8 +83,7 @@ def test_zoo_upgrade_mode_on_onnxruntime_output(zoo_path, tmp_path):
     assert res.stages["normalize"]["constant_quantizers_folded"] > 0
     assert len(res.plan.layers) == 54 and res.cwac.compensations
     assert res.cwac.output_error[res.cwac.target] < res.cwac.output_error["none"]
-    assert res.stages["fold"]["check"]["forced_max_rel"]
-    assert max(res.stages["fold"]["check"]["forced_quantizer_max_rel"].values()) <= 1e-5
+    assert max(res.stages["fold"]["check"]["forced_layer_max_rel"].values()) <= 1e-5
     for name_out, stats in res.fidelity.simulated.items():
         assert stats.sqnr_db >= res.fidelity.baseline[name_out].sqnr_db, name_out  # ORT quantizes the softmax output
 

@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages for the zoo's labelled data: fonts to render text lines, a word list.
+# Debian packages for the zoo's labelled data: fonts to render text lines, a word list;
+# chromium renders the HTML report in the report test.
 need=()
-for pkg in fonts-liberation2 fonts-wqy-microhei wamerican; do
+for pkg in fonts-liberation2 fonts-wqy-microhei wamerican chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -93,7 +93,8 @@ def cwac_table(results: dict) -> list[str]:
             gap = f"{(c - p) / (f - p):.0%}" if f is not None and f - p > 1e-9 else "–"
             err = cw["cwac"]["output_error"]
             chk = cw["cwac"]["fold_check"]
-            worst = max([*chk["forced_max_rel"].values(), *chk["forced_quantizer_max_rel"].values()])
+            worst = max([*chk["forced_max_rel"].values(),
+                         *chk.get("forced_layer_max_rel", chk.get("forced_quantizer_max_rel", {})).values()])
             lines.append(f"| {model} | {tag} | {f:.3f} | {p:.3f} | {c:.3f} | {gap} | {_sqnr(plain, 'deployed')} → "
                          f"{_sqnr(cw, 'deployed')} | {err['none']:.3g} → {err[cw['cwac']['target']]:.3g} "
                          f"({cw['cwac']['target']}) | {worst:.1e} | {cw.get('op_histogram_equal_plain')} |")

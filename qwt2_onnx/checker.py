@@ -1,0 +1,226 @@
+"""The equivalence checker and numerical diff (DESIGN.md §5): records, not text.
+
+Three comparisons, each per graph output and per layer (layers matched by
+node name, through :func:`equivalence.layer_outputs`):
+
+1. fused vs unfused in float simulation: the gating one.  Same activation
+   codes fed to both (see :mod:`equivalence`), so what differs is the fold;
+   free-running numbers (tie flips) are reported beside it.
+2. fused vs unfused as deployed: the fused graph with onnxruntime's
+   optimizations on (integer kernels) vs the unfused one simulated; output
+   differences in LSBs of the output's quantization scale where it has one,
+   and a histogram of activation-code differences in LSBs, with the codes at
+   a rounding tie counted.
+3. float vs plain PTQ vs CWAC: per-layer SQNR/cosine of both (``compile``).
+
+``diff`` compares any two models with the same interface (outputs, named
+output parts, and layers present in both).  Renderers (terminal, JSON, HTML)
+live in :mod:`report` and only read these records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import re
+
+import numpy as np
+import onnx
+
+from .calib_data import CalibrationSet
+from .diffstats import DiffAccumulator, DiffStats, Tolerance, Verdict
+from .equivalence import FoldCheck, activation_quantizers, check_fold, exposing, layer_outputs
+from .errors import QwtError
+from .runtime import batches, make_session
+
+SCHEMA = "qwt2-onnx/check-report/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputPart:
+    """A named slice of one output along one axis (``boxes=output0:axis=1:0:4``)."""
+
+    name: str
+    output: str
+    axis: int
+    start: int
+    stop: int
+
+    @classmethod
+    def parse(cls, text: str) -> "OutputPart":
+        m = re.fullmatch(r"([^=]+)=([^:]+):axis=(-?\d+):(\d+):(\d+)", text)
+        if not m:
+            raise QwtError(f"cannot parse output part {text!r}",
+                           fix="write it as NAME=OUTPUT:axis=AXIS:START:STOP, e.g. boxes=output0:axis=1:0:4")
+        return cls(m[1], m[2], int(m[3]), int(m[4]), int(m[5]))
+
+    def take(self, x: np.ndarray) -> np.ndarray:
+        sl = [slice(None)] * x.ndim
+        sl[self.axis % x.ndim] = slice(self.start, self.stop)
+        return x[tuple(sl)]
+
+
+@dataclasses.dataclass
+class Comparison:
+    title: str
+    reference: str
+    candidate: str
+    outputs: dict[str, DiffStats]
+    layers: dict[str, DiffStats]
+    verdicts: list[Verdict]  # empty when the comparison is informational
+    notes: list[str] = dataclasses.field(default_factory=list)
+    code_lsb_histogram: dict[int, int] | None = None  # |code difference| in LSBs -> count
+    tie_flips: int | None = None  # code differences where the reference value sat at a rounding tie
+    role: str = "diff"  # "fold" | "free" | "deployed" | "plain_vs_float" | "cwac_vs_float" | "diff"
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for v in self.verdicts)
+
+
+@dataclasses.dataclass
+class CheckReport:
+    kind: str  # "check" | "diff" | "compile"
+    models: dict[str, str]  # role -> path or description
+    data: dict  # source, samples, sha256, seed
+    comparisons: list[Comparison]
+    created: str  # the only time-dependent field
+    cwac_layers: list[dict] = dataclasses.field(default_factory=list)
+    schema: str = SCHEMA
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    @property
+    def verdicts(self) -> list[Verdict]:
+        return [v for c in self.comparisons for v in c.verdicts]
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def data_summary(data: CalibrationSet, batch_size: int, seed: int | None = None) -> dict:
+    """Source, sample count and a SHA-256 over every input array in order, so a report names its data."""
+    h, n = hashlib.sha256(), 0
+    for feed, k in batches(data, batch_size):
+        for name in sorted(feed):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(feed[name]).tobytes())
+        n += k
+    return {"source": data.description, "samples": n, "sha256": h.hexdigest(), "seed": seed}
+
+
+def _lsb_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """Tensor -> per-tensor quantization scale, for tensors a QuantizeLinear reads or a DQ produces."""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[1] in inits and inits[n.input[1]].size == 1:
+            out[n.input[0] if n.op_type == "QuantizeLinear" else n.output[0]] = float(inits[n.input[1]].item())
+    return out
+
+
+def fold_comparisons(fold: FoldCheck, tol: Tolerance, names: tuple[str, str]) -> list[Comparison]:
+    forced = Comparison("fused vs unfused, float simulation, same activation codes", names[0], names[1],
+                        fold.forced_outputs, fold.forced_layers,
+                        [Verdict.judge(s, tol, "output") for s in fold.forced_outputs.values()]
+                        + [Verdict.judge(s, tol, "layer") for s in fold.forced_layers.values()],
+                        ["every activation QuantizeLinear is replaced by the unfused graph's codes, so only the "
+                         "fold can differ"], role="fold")
+    free = Comparison("fused vs unfused, float simulation, free-running", names[0], names[1], fold.free_outputs, {},
+                      [], [f"{fold.flipped} of {fold.codes} activation codes differ (max {fold.max_code_diff} LSB): "
+                           "float rounding moves values that sit at a .5 rounding tie, and a flipped code "
+                           "propagates; informational"], role="free")
+    return [forced, free]
+
+
+def deployed_comparison(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: CalibrationSet,
+                        batch_size: int, names: tuple[str, str]) -> Comparison:
+    """Fused with integer kernels (optimizations on) vs unfused simulated: outputs and activation codes in LSBs."""
+    codes = activation_quantizers(unfused)
+    code_types = {c: t for c, (t, _) in codes.items()}
+    srcs = {src: onnx.TensorProto.FLOAT for _, src in codes.values()}
+    dep = make_session(exposing(fused, code_types), optimized=True)
+    sim = make_session(exposing(unfused, {**code_types, **srcs}), optimized=False)
+    outputs = [o.name for o in unfused.graph.output]
+    scales = _lsb_scales(unfused)
+    q_scales = {c: scales.get(src) for c, (_, src) in codes.items()}
+    acc = {o: DiffAccumulator(o) for o in outputs}
+    hist: dict[int, int] = {}
+    ties = 0
+    want_dep, want_sim = outputs + list(codes), outputs + list(codes) + list(srcs)
+    for feed, _ in batches(data, batch_size):
+        d = dict(zip(want_dep, dep.run(want_dep, feed)))
+        s = dict(zip(want_sim, sim.run(want_sim, feed)))
+        for o in outputs:
+            acc[o].update(s[o], d[o])
+        for c, (_, src) in codes.items():
+            diff = np.abs(d[c].astype(np.int32) - s[c].astype(np.int32))
+            for v, k in zip(*np.unique(diff, return_counts=True)):
+                hist[int(v)] = hist.get(int(v), 0) + int(k)
+            if q_scales[c]:
+                frac = np.abs(np.mod(s[src].astype(np.float64) / q_scales[c], 1.0) - 0.5)
+                ties += int(np.count_nonzero((diff > 0) & (frac < 1e-3)))
+    outs = {o: a.result(scales.get(o)) for o, a in acc.items()}
+    return Comparison("fused (deployed: onnxruntime integer kernels) vs unfused (float simulation)", names[0],
+                      names[1], outs, {}, [],
+                      ["informational: integer kernels requantize with their own rounding; differences are in "
+                       "LSBs of each activation quantizer"], dict(sorted(hist.items())), ties, role="deployed")
+
+
+def layer_comparison(title: str, ref: onnx.ModelProto, cand: onnx.ModelProto, data: CalibrationSet,
+                     batch_size: int, names: tuple[str, str], ref_optimized: bool = True,
+                     cand_optimized: bool = False, parts: tuple[OutputPart, ...] = (),
+                     tolerances: dict[str, Tolerance] | None = None, role: str = "diff") -> Comparison:
+    """Outputs (and named parts) and every layer present in both models, by node name."""
+    r_layers, c_layers = layer_outputs(ref), layer_outputs(cand)
+    layers = [k for k in c_layers if k in r_layers]
+    outputs = [o.name for o in ref.graph.output]
+    if [o.name for o in cand.graph.output] != outputs:
+        raise QwtError("the two models have different outputs",
+                       notes=[f"{names[0]}: {outputs}", f"{names[1]}: {[o.name for o in cand.graph.output]}"],
+                       fix="compare models with the same interface")
+    for p in parts:
+        if p.output not in outputs:
+            raise QwtError(f"output part '{p.name}' names an unknown output '{p.output}'",
+                           notes=[f"outputs: {', '.join(outputs)}"], fix="use one of the model's output names")
+    fl = {r_layers[k]: onnx.TensorProto.FLOAT for k in layers}
+    cl = {c_layers[k]: onnx.TensorProto.FLOAT for k in layers}
+    rs = make_session(exposing(ref, fl), optimized=ref_optimized)
+    cs = make_session(exposing(cand, cl), optimized=cand_optimized)
+    acc = {o: DiffAccumulator(o) for o in outputs} | {p.name: DiffAccumulator(p.name) for p in parts}
+    lacc = {k: DiffAccumulator(k) for k in layers}
+    rn, cn = outputs + list(fl), outputs + list(cl)
+    for feed, _ in batches(data, batch_size):
+        r = dict(zip(rn, rs.run(rn, feed)))
+        c = dict(zip(cn, cs.run(cn, feed)))
+        for o in outputs:
+            acc[o].update(r[o], c[o])
+        for p in parts:
+            acc[p.name].update(p.take(r[p.output]), p.take(c[p.output]))
+        for k in layers:
+            lacc[k].update(r[r_layers[k]], c[c_layers[k]])
+    outs = {k: a.result() for k, a in acc.items()}
+    verdicts = []
+    if tolerances is not None:
+        default = tolerances.get("*", Tolerance())
+        verdicts = [Verdict.judge(s, tolerances.get(k, default)) for k, s in outs.items()]
+    return Comparison(title, names[0], names[1], outs, {k: a.result() for k, a in lacc.items()}, verdicts, role=role)
+
+
+def check(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: CalibrationSet, tol: Tolerance = Tolerance(),
+          batch_size: int = 8, names: tuple[str, str] = ("unfused", "fused")) -> list[Comparison]:
+    """Comparisons 1 and 2 of fused vs unfused."""
+    return [*fold_comparisons(check_fold(fused, unfused, data, batch_size), tol, names),
+            deployed_comparison(fused, unfused, data, batch_size, names)]
+
+
+def diff(ref: onnx.ModelProto, cand: onnx.ModelProto, data: CalibrationSet, tolerances: dict[str, Tolerance],
+         parts: tuple[OutputPart, ...] = (), batch_size: int = 8, names: tuple[str, str] = ("reference", "candidate"),
+         deployed: bool = True) -> Comparison:
+    """Reference (optimized) vs candidate (deployed, or simulated when ``deployed=False``)."""
+    mode = "deployed" if deployed else "float simulation"
+    return layer_comparison(f"{names[1]} ({mode}) vs {names[0]}", ref, cand, data, batch_size, names,
+                            ref_optimized=True, cand_optimized=deployed, parts=parts, tolerances=tolerances)

@@ -1,0 +1,139 @@
+"""Numerical difference between a reference and a candidate tensor, streamed over batches.
+
+:class:`DiffAccumulator` sees one batch at a time and keeps O(1) state (a
+fixed log-spaced histogram of |Δ| for the p99 and the error histogram), so a
+check over any number of samples needs the memory of one batch.
+:class:`DiffStats` is the result record; :class:`Tolerance` and
+:class:`Verdict` turn one statistic into PASSED / FAILED with the minimum
+tolerance that would have passed.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# |Δ| histogram edges: 10 bins per decade from 1e-12 to 1e6, plus an underflow bin (exact zeros land there)
+HIST_EDGES = np.logspace(-12, 6, 181)
+STATISTICS = ("max", "p99", "mean")
+
+
+@dataclasses.dataclass
+class DiffStats:
+    """How far ``candidate`` is from ``reference`` (one tensor, or a named part of one)."""
+
+    name: str
+    elements: int
+    max_abs: float
+    worst_index: list[int]  # [sample, *element index] of the max |Δ|
+    mean_abs: float
+    p99_abs: float  # upper edge of the histogram bin holding the 99th percentile
+    max_rel: float  # max |Δ| / max |reference|
+    max_ref: float
+    cosine: float
+    sqnr_db: float
+    lsb_scale: float | None = None  # quantization scale the LSB numbers are in, when the tensor has one
+    histogram: list[int] = dataclasses.field(default_factory=list)  # counts per HIST_EDGES bin (index 0: < 1e-12)
+
+    @property
+    def max_lsb(self) -> float | None:
+        return self.max_abs / self.lsb_scale if self.lsb_scale else None
+
+    def statistic(self, which: str) -> float:
+        return {"max": self.max_abs, "p99": self.p99_abs, "mean": self.mean_abs}[which]
+
+
+class DiffAccumulator:
+    def __init__(self, name: str):
+        self.name = name
+        self.n = 0
+        self.samples = 0
+        self.sum_abs = self.sum_ref2 = self.sum_cand2 = self.sum_err2 = self.sum_dot = 0.0
+        self.max_abs = self.max_ref = 0.0
+        self.worst: list[int] = []
+        self.hist = np.zeros(len(HIST_EDGES) + 1, np.int64)
+
+    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        r = np.asarray(ref, np.float64)
+        c = np.asarray(cand, np.float64)
+        if r.shape != c.shape:
+            raise ValueError(f"{self.name}: reference shape {r.shape} != candidate shape {c.shape}")
+        e = np.abs(c - r)
+        if e.size:
+            i = int(np.argmax(e))
+            if e.flat[i] > self.max_abs or not self.worst:
+                self.max_abs = float(e.flat[i])
+                idx = list(np.unravel_index(i, e.shape)) if e.ndim else []
+                if idx:
+                    idx[0] += self.samples
+                self.worst = [int(v) for v in idx]
+            self.max_ref = max(self.max_ref, float(np.max(np.abs(r))))
+        self.n += e.size
+        self.samples += r.shape[0] if r.ndim else 1
+        self.sum_abs += float(e.sum())
+        rf, cf = r.ravel(), c.ravel()
+        self.sum_ref2 += float(rf @ rf)
+        self.sum_cand2 += float(cf @ cf)
+        self.sum_err2 += float(e.ravel() @ e.ravel())
+        self.sum_dot += float(rf @ cf)
+        self.hist += np.bincount(np.searchsorted(HIST_EDGES, e.ravel(), side="right"), minlength=len(self.hist))
+
+    def result(self, lsb_scale: float | None = None) -> DiffStats:
+        den = np.sqrt(self.sum_ref2 * self.sum_cand2)
+        cosine = float(self.sum_dot / den) if den > 0 else (1.0 if self.sum_err2 == 0 else 0.0)
+        sqnr = float("inf") if self.sum_err2 == 0 else 10 * np.log10(max(self.sum_ref2, 1e-300) / self.sum_err2)
+        return DiffStats(self.name, self.n, self.max_abs, self.worst, self.sum_abs / max(self.n, 1),
+                         self._p99(), self.max_abs / self.max_ref if self.max_ref > 0 else float(self.max_abs > 0),
+                         self.max_ref, cosine, float(sqnr), lsb_scale, [int(v) for v in self.hist])
+
+    def _p99(self) -> float:
+        if self.n == 0:
+            return 0.0
+        k = int(np.searchsorted(np.cumsum(self.hist), 0.99 * self.n))
+        return 0.0 if k == 0 else float(HIST_EDGES[min(k, len(HIST_EDGES) - 1)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Pass when ``statistic(|Δ|) ≤ atol + rtol·max|reference|``."""
+
+    atol: float = 0.0
+    rtol: float = 1e-5
+    statistic: str = "max"
+
+    def __post_init__(self) -> None:
+        from .errors import QwtError
+
+        if self.statistic not in STATISTICS:
+            raise QwtError(f"unknown statistic '{self.statistic}'", fix=f"use one of {', '.join(STATISTICS)}")
+        if self.atol < 0 or self.rtol < 0:
+            raise QwtError("tolerances must be ≥ 0", notes=[f"atol {self.atol}, rtol {self.rtol}"])
+
+
+@dataclasses.dataclass
+class Verdict:
+    passed: bool
+    kind: str  # "output" | "layer"
+    name: str
+    statistic: str
+    value: float
+    threshold: float
+    min_atol: float  # the smallest atol that would pass with this rtol
+    min_rtol: float  # the smallest rtol that would pass with this atol
+
+    @classmethod
+    def judge(cls, stats: DiffStats, tol: Tolerance, kind: str = "output") -> "Verdict":
+        value = stats.statistic(tol.statistic)
+        threshold = tol.atol + tol.rtol * stats.max_ref
+        min_atol = max(0.0, value - tol.rtol * stats.max_ref)
+        min_rtol = max(0.0, (value - tol.atol) / stats.max_ref) if stats.max_ref > 0 else (0.0 if value <= tol.atol
+                                                                                            else float("inf"))
+        return cls(bool(value <= threshold), kind, stats.name, tol.statistic, value, threshold, min_atol, min_rtol)
+
+    def line(self) -> str:
+        word, op = ("PASSED", "≤") if self.passed else ("FAILED", ">")
+        text = (f"{word} | {self.kind} '{self.name}' | {self.statistic} |Δ| {self.value:.3g} {op} "
+                f"{self.threshold:.3g} (atol + rtol·max|ref|)")
+        if not self.passed:
+            text += f" | would pass with atol ≥ {self.min_atol:.3g} or rtol ≥ {self.min_rtol:.3g}"
+        return text
