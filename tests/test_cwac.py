@@ -10,14 +10,15 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from tiny_models import conv_net
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.calib_data import CalibrationSet, InputSpec
 from qwt2_onnx.config import CwacConfig
 from qwt2_onnx.cwac import ChannelSums, fit_affine
-from qwt2_onnx.cwac_fit import prefix_staged_fit, staged_fit
+from qwt2_onnx.cwac_fit import staged_fit
+from qwt2_onnx.cwac_reference import prefix_staged_fit
 from qwt2_onnx.equivalence import check_fold
-from tiny_models import conv_net
 
 
 def _sums(q, f, axis=-1):

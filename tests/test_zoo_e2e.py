@@ -67,6 +67,8 @@ def test_zoo_compiles_and_runs(name, variant, zoo_path, tmp_path):
     check = res.stages["fold"]["check"]
     assert max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()]) <= 1e-5
     assert set(check["forced_layer_max_rel"]) == {lp.node for lp in res.plan.layers}
+    # the compile's own check passed and left its reports beside the model
+    assert res.report.passed and (tmp_path / "q.report.json").exists() and (tmp_path / "q.report.html").exists()
 
 
 def test_zoo_upgrade_mode_on_onnxruntime_output(zoo_path, tmp_path):

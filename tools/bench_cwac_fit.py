@@ -22,14 +22,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from zoo import fetch_model  # noqa: E402
+from zoo_tasks import TASKS  # noqa: E402
 
 from qwt2_onnx import CompileConfig, compile_model  # noqa: E402
 from qwt2_onnx.calib_data import CalibrationSet, InputSpec  # noqa: E402
 from qwt2_onnx.config import CwacConfig  # noqa: E402
-from qwt2_onnx.cwac_fit import prefix_staged_fit, staged_fit  # noqa: E402
+from qwt2_onnx.cwac_fit import staged_fit
+from qwt2_onnx.cwac_reference import prefix_staged_fit  # noqa: E402
 from qwt2_onnx.runtime import batches, make_session  # noqa: E402
-from zoo import fetch_model  # noqa: E402
-from zoo_tasks import TASKS  # noqa: E402
 
 
 def _median_time(fn, repeat: int):

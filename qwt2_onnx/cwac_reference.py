@@ -1,0 +1,50 @@
+"""The slow definition of the exact staged protocol, kept as the reference the fast one must equal.
+
+:func:`prefix_staged_fit` re-runs the whole unfused prefix of the model for
+every stage (O(stages) passes), with the same per-layer held-out gate as
+:func:`qwt2_onnx.cwac_fit.staged_fit`.  ``tests/test_cwac.py`` checks that the
+two agree and ``tools/bench_cwac_fit.py`` measures both; nothing else uses it.
+"""
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .calib_data import CalibrationSet
+from .config import CwacConfig
+from .cwac import ChannelSums, Compensation, fit_affine
+from .cwac_fit import _axis, _Parts, _unfused, layer_stages
+from .passes.insert_compensation import compensation_point
+from .policy import QuantPlan
+from .runtime import batches, make_session, with_outputs
+
+
+def prefix_staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan,
+                      data: CalibrationSet, cfg: CwacConfig = CwacConfig(), batch_size: int = 8,
+                      ) -> dict[str, Compensation]:
+    """The exact protocol the slow way, global target: per stage, run the whole unfused prefix (O(stages)
+    passes).  The definition :func:`staged_fit` is tested and benchmarked against."""
+    qgraph = gs.import_onnx(qmodel)
+    nodes = {n.name: n for n in qgraph.nodes}
+    layers = [lp.node for lp in plan.layers]
+    stages = layer_stages(qgraph, layers)
+    points = {name: compensation_point(nodes[name]).name for name in layers}
+    axes = {lp.node: _axis(lp.op) for lp in plan.layers}
+    parts = _Parts.split(data, cfg, batch_size)
+    comps: dict[str, Compensation] = {}
+    for s in range(1, max(stages.values(), default=0) + 1):
+        members = [n for n in layers if stages[n] == s]
+        outs = [points[n] for n in members]  # no member is compensated yet: its point keeps its name
+        qs = make_session(with_outputs(_unfused(qmodel, comps) if comps else qmodel, outs), optimized=False)
+        fs = make_session(with_outputs(float_model, outs), optimized=True)
+        sums: dict[tuple[str, str], ChannelSums] = {}
+        for part, part_data in (("fit", parts.fit), ("hold", parts.hold)):
+            for feed, _ in batches(part_data, parts.batch_size):
+                for name, q, f in zip(members, qs.run(outs, feed), fs.run(outs, feed)):
+                    sums.setdefault((part, name), ChannelSums(q.shape[axes[name]], axes[name])).update(q, f)
+        for name in members:
+            g, beta, stats = fit_affine(sums[("fit", name)], cfg.lam, cfg.max_gain)
+            hold = sums[("hold", name)]
+            if hold.mse(g, beta) < hold.mse():
+                comps[name] = Compensation(name, g, beta, axes[name], "global", stats)
+    return comps
