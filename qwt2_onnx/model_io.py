@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import QwtError
@@ -40,7 +41,36 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise QwtError(f"{p} holds no graph nodes: it is not an ONNX model (or it is empty)",
                        fix="pass a model exported to ONNX")
+    try:  # a corrupted file can still parse; onnx's checker says what is wrong with it
+        onnx.checker.check_model(str(p))
+    except Exception as e:  # noqa: BLE001  (ValidationError, or whatever a broken proto makes it raise)
+        raise QwtError(f"{p} is not a valid ONNX model",
+                       notes=[f"{type(e).__name__}: {str(e).strip()[:300]}"],
+                       fix="re-export the model; check it with onnx.checker.check_model") from None
+    _check_initializers(model, p)
     return model
+
+
+def _check_initializers(model: onnx.ModelProto, path: Path) -> None:
+    """What onnx's checker lets through in a corrupted file: unknown element types, raw data of the wrong size."""
+    known = set(onnx.TensorProto.DataType.values())
+    for t in model.graph.initializer:
+        problem = None
+        if t.data_type not in known or t.data_type == onnx.TensorProto.UNDEFINED:
+            problem = f"unknown element type {t.data_type}"
+        elif t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL:
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            except Exception:  # noqa: BLE001  (types numpy has no dtype for: leave them to onnxruntime)
+                continue
+            count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+            bits = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+            expected = (count + 1) // 2 if t.data_type in bits else count * itemsize
+            if len(t.raw_data) != expected:
+                problem = f"{len(t.raw_data)} bytes of data for shape {list(t.dims)} (expected {expected})"
+        if problem:
+            raise QwtError(f"{path} is not a valid ONNX model: initializer '{t.name}' has {problem}",
+                           fix="re-export the model; the file may be corrupted or truncated")
 
 
 def _needs_external_data(model: onnx.ModelProto, threshold: int) -> bool:
