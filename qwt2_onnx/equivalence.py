@@ -33,6 +33,7 @@ from onnx import helper
 
 from .calib_data import CalibrationSet
 from .diffstats import DiffAccumulator, DiffStats
+from .errors import QwtError
 from .runtime import batches, make_session
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -128,7 +129,12 @@ def _forced(model: onnx.ModelProto, codes: dict[str, tuple[int, str]], extra: di
 def check_fold(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> FoldCheck:
     codes = activation_quantizers(unfused)
     if set(activation_quantizers(fused)) != set(codes):
-        raise ValueError("fused and unfused graphs have different activation quantizers")
+        only_f = sorted(set(activation_quantizers(fused)) - set(codes))[:5]
+        only_u = sorted(set(codes) - set(activation_quantizers(fused)))[:5]
+        raise QwtError("the two models are not a fused/unfused pair: their activation quantizers differ",
+                       notes=[f"only in the fused model: {only_f}", f"only in the unfused model: {only_u}"],
+                       fix="pass the model compile wrote and the one --emit-unfused wrote in the same run; "
+                           "use 'qwt2-onnx diff' to compare unrelated models")
     outputs = [o.name for o in unfused.graph.output]
     f_layers, u_layers = layer_outputs(fused), layer_outputs(unfused)
     layers = [k for k in u_layers if k in f_layers]

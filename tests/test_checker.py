@@ -104,6 +104,12 @@ def test_usage_errors_exit_2(compiled, tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
 
 
+def test_check_of_unrelated_models_is_a_usage_error(compiled):
+    d, _ = compiled
+    r = CliRunner().invoke(main, ["check", str(d / "m.onnx"), str(d / "unfused.onnx"), "--data", str(d / "data.npz")])
+    assert r.exit_code == 2 and "not a fused/unfused pair" in r.output and "Traceback" not in r.output
+
+
 def test_diff_float_vs_int8_with_parts_and_tolerances(compiled):
     d, _ = compiled
     args = ["diff", str(d / "m.onnx"), str(d / "fused.onnx"), "--data", str(d / "data.npz"), "--report", str(d / "df"),
