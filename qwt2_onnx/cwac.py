@@ -97,20 +97,30 @@ def build_graphs(qmodel, compensations: dict[str, Compensation], int32_bias: boo
     """(unfused, fused, fold stats) ModelProtos for ``compensations`` on the QDQ model ``qmodel``.
 
     β is first snapped to the folded layer's int32 bias grid, so both graphs
-    compute the same function up to float rounding.
+    compute the same function up to float rounding.  A compensation that
+    cannot be folded (shared weight, weight not a constant...) is left out of
+    *both* graphs, with its reason in the stats: the unfused graph is always
+    what the fused one computes.
     """
     import onnx_graphsurgeon as gs
 
     from .graph_io import export_model
-    from .passes.fold_compensation import FoldCompensationPass, snap_bias
+    from .passes.fold_compensation import FoldCompensationPass, skip_reason, snap_bias
     from .passes.insert_compensation import InsertCompensationPass
 
     graph = gs.import_onnx(qmodel)
     nodes = {n.name: n for n in graph.nodes}
-    snapped = {k: dataclasses.replace(c, bias=snap_bias(nodes[k], c, int32_bias)) for k, c in compensations.items()}
+    reasons = {k: skip_reason(nodes.get(k)) for k in compensations}
+    foldable = {k: c for k, c in compensations.items() if reasons[k] is None}
+    snapped = {k: dataclasses.replace(c, bias=snap_bias(nodes[k], c, int32_bias)) for k, c in foldable.items()}
     unfused = export_model(InsertCompensationPass(snapped)(gs.import_onnx(qmodel)).graph)
     result = FoldCompensationPass(snapped, int32_bias)(graph)
-    return unfused, export_model(result.graph), result.stats
+    stats = result.stats
+    for k, why in reasons.items():
+        if why is not None:
+            stats["strategies"][k] = f"skipped: {why}"
+            stats["skipped"][why] = stats["skipped"].get(why, 0) + 1
+    return unfused, export_model(result.graph), stats
 
 
 def constrain_full_range(qmodel, compensations: dict[str, Compensation]) -> tuple[dict[str, Compensation], int]:

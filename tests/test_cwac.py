@@ -138,3 +138,27 @@ def test_cwac_config_errors():
         CwacConfig(target="everything")
     with pytest.raises(QwtError, match="held-out"):
         dataclasses.replace(CwacConfig(), holdout_fraction=1.5)
+
+
+def test_unfoldable_compensation_is_left_out_of_both_graphs(tmp_path):
+    """gemm's dequantized weight also feeds a second reader: its compensation cannot be folded without changing
+    what that reader computes, so it is skipped with a reason, and the unfused graph leaves it out too."""
+    from onnx import helper
+
+    from qwt2_onnx.cwac import Compensation, build_graphs
+
+    res, calib = _compiled(tmp_path, wbits=8)
+    m = onnx.ModelProto()
+    m.CopyFrom(res.plain_model)
+    gemm = next(n for n in m.graph.node if n.name == "gemm")
+    m.graph.node.append(helper.make_node("Identity", [gemm.input[1]], ["w_copy"], name="reader"))
+    m.graph.output.append(helper.make_tensor_value_info("w_copy", onnx.TensorProto.FLOAT, None))
+    comps = {name: Compensation(name, np.full(c, 1.1, np.float32), np.full(c, 0.05, np.float32), -1, "test", {})
+             for name, c in (("gemm", 16), ("mm", 5))}
+    unfused, fused, stats = build_graphs(m, comps)
+    assert stats["strategies"]["gemm"] == "skipped: shared_weight" and stats["skipped"] == {"shared_weight": 1}
+    assert not stats["strategies"]["mm"].startswith("skipped")
+    muls = [n.name for n in unfused.graph.node if n.op_type == "Mul"]
+    assert "mm_cwac_Mul" in muls and "gemm_cwac_Mul" not in muls
+    check = check_fold(fused, unfused, calib[:4], 2)
+    assert check.worst_forced <= 1e-5

@@ -116,17 +116,35 @@ def snap_bias(node: gs.Node, comp: Compensation, int32_bias: bool = True) -> np.
     return (target - comp.gain.astype(np.float64) * b).astype(np.float32)
 
 
-def _to_per_channel(node: gs.Node) -> bool:
-    """A per-tensor symmetric weight DQ becomes per-channel on the output axis (same values); True if done."""
+def _per_tensor_weight_dq(node: gs.Node) -> gs.Node | None:
+    """The layer's weight DQ if it is per-tensor with constant scale / zero point and read only by this layer."""
     dq = _producer(node.inputs[1], "DequantizeLinear")
     if dq is None or not isinstance(dq.inputs[0], gs.Constant) or not isinstance(dq.inputs[1], gs.Constant):
-        return False
+        return None
     w, scale = dq.inputs[0], dq.inputs[1]
     zp = dq.inputs[2] if len(dq.inputs) > 2 else None
     if _values(scale).size != 1 or len(w.outputs) > 1 or len(node.inputs[1].outputs) > 1:
-        return False
+        return None
     if zp is not None and (not isinstance(zp, gs.Constant) or _values(zp).size != 1):
+        return None
+    return dq
+
+
+def skip_reason(node: gs.Node | None) -> str | None:
+    """Why a compensation cannot be folded into ``node`` (None: it can, after per-channel conversion if needed)."""
+    reason = FoldCompensationPass._check(node)
+    if reason == "weight_not_per_channel_on_output_axis" and _per_tensor_weight_dq(node) is not None:
+        return None
+    return reason
+
+
+def _to_per_channel(node: gs.Node) -> bool:
+    """A per-tensor weight DQ becomes per-channel on the output axis (same values); True if done."""
+    dq = _per_tensor_weight_dq(node)
+    if dq is None:
         return False
+    w, scale = dq.inputs[0], dq.inputs[1]
+    zp = dq.inputs[2] if len(dq.inputs) > 2 else None
     axis = 0 if node.op == "Conv" else 1 if node.op in ("ConvTranspose", "MatMul") else (
         0 if int(node.attrs.get("transB", 0)) else 1)
     channels = w.shape[axis]
