@@ -272,10 +272,31 @@ class _Parts:
         return cls(data.take(0, n - n_hold), hold, batch_size)
 
 
+_SATURATING = ("Softmax", "Sigmoid", "LogSoftmax")
+_SHAPE_ONLY = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def gate_tensors(model: onnx.ModelProto) -> list[str]:
+    """What the output gate compares: each graph output, or, when it is a Softmax / Sigmoid (up to reshapes),
+    that op's input.  A saturated probability hides the error of every confidently classified sample, so on
+    a small held-out set the output error would rest on one or two samples; the logits carry all of them."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names = []
+    for out in model.graph.output:
+        t = out.name
+        while t in producer and producer[t].op_type in _SHAPE_ONLY:
+            t = producer[t].input[0]
+        names.append(producer[t].input[0] if t in producer and producer[t].op_type in _SATURATING else out.name)
+    return list(dict.fromkeys(names))
+
+
 def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> float:
-    """Σ over graph outputs of MSE(model, float) / mean(float²), simulated, on ``feeds``."""
-    ref, cand = make_session(float_model, optimized=True), make_session(model, optimized=False)
-    names = [o.name for o in ref.get_outputs()]
+    """Σ over :func:`gate_tensors` of MSE(model, float) / mean(float²), simulated, on ``data``."""
+    from .runtime import with_outputs
+
+    names = gate_tensors(float_model)
+    ref = make_session(with_outputs(float_model, names), optimized=True)
+    cand = make_session(with_outputs(model, names), optimized=False)
     err = {n: 0.0 for n in names}
     power = {n: 0.0 for n in names}
     for feed, _ in batches(data, batch_size):
