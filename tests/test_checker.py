@@ -178,3 +178,29 @@ def test_html_report_renders_charts_in_headless_chromium(compiled, tmp_path):
         return int(np.sum(np.all(np.abs(img - np.array(rgb)) <= 8, axis=-1)))
     assert near((0x1f, 0x77, 0xb4)) > 500, "CWAC bars (blue) not rendered"
     assert near((0xd6, 0x27, 0x28)) > 500, "plain PTQ bars (red) not rendered"
+
+
+def test_compile_with_a_broken_fold_exits_1_keeps_the_report_and_writes_no_model(compiled, tmp_path, monkeypatch):
+    import qwt2_onnx.pipeline as pipeline
+
+    d, _ = compiled
+    real = pipeline.build_graphs
+
+    def broken(plain, comps, int32_bias=True):
+        unfused, fused, stats = real(plain, comps, int32_bias)
+        node = next(n for n in fused.graph.node if n.name == "conv2")
+        wdq = next(n for n in fused.graph.node if n.output[0] == node.input[1])
+        t = next(t for t in fused.graph.initializer if t.name == wdq.input[1])
+        v = onnx.numpy_helper.to_array(t).copy()
+        v[0] *= 1.01
+        t.CopyFrom(onnx.numpy_helper.from_array(v, t.name))
+        return unfused, fused, stats
+
+    monkeypatch.setattr(pipeline, "build_graphs", broken)
+    r = CliRunner().invoke(main, ["compile", str(d / "m.onnx"), "--calib", str(d / "data.npz"), "-o",
+                                  str(tmp_path / "out.onnx"), "--wbits", "4", "--cwac-target", "global"])
+    assert r.exit_code == 1, r.output
+    assert "FAILED | layer 'conv2'" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out.onnx").exists()
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert not report["passed"] and (tmp_path / "out.report.html").exists()
