@@ -19,9 +19,10 @@ model would compute there: the fit is the same as with whole-prefix runs.
 The segment structure depends only on the graph, so it is planned once
 (:class:`SegmentPlan`); initializer values (fitted gains and biases) may
 change between stages and are read when a segment is extracted.
-:class:`TensorCache` keeps the cached tensors on disk, one file per batch and
-tensor, and drops each one after the last segment that reads it, so memory is
-bounded by one batch whatever the size of the calibration set.
+:class:`TensorCache` keeps the cached tensors in memory up to a byte budget
+(256 MiB by default) and on disk beyond it, one file per batch and tensor, and
+drops each one after the last segment that reads it, so memory is bounded by
+the budget plus one batch whatever the size of the calibration set.
 """
 from __future__ import annotations
 
@@ -112,12 +113,16 @@ class SegmentPlan:
 
 
 class TensorCache:
-    """Tensors per (batch, name) in a temporary directory; ``close()`` removes it."""
+    """Tensors per (batch, name): in memory up to ``memory_budget`` bytes, then in a temporary directory
+    that ``close()`` removes."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_budget: int = 256 * 2**20) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="qwt2_segments_"))
         self._ids: dict[str, int] = {}
         self.dtypes: dict[str, np.dtype] = {}
+        self.budget = memory_budget
+        self._memory: dict[tuple[int, str], np.ndarray] = {}
+        self._memory_bytes = 0
 
     def _path(self, batch: int, name: str) -> Path:
         idx = self._ids.setdefault(name, len(self._ids))
@@ -125,16 +130,26 @@ class TensorCache:
 
     def put(self, batch: int, name: str, value: np.ndarray) -> None:
         self.dtypes[name] = value.dtype
-        np.save(self._path(batch, name), value, allow_pickle=False)
+        if self._memory_bytes + value.nbytes <= self.budget:
+            self._memory[(batch, name)] = value
+            self._memory_bytes += value.nbytes
+        else:
+            np.save(self._path(batch, name), value, allow_pickle=False)
 
     def get(self, batch: int, name: str) -> np.ndarray:
-        return np.load(self._path(batch, name), allow_pickle=False)
+        value = self._memory.get((batch, name))
+        return value if value is not None else np.load(self._path(batch, name), allow_pickle=False)
 
     def drop(self, name: str, batches: int) -> None:
         for b in range(batches):
-            self._path(b, name).unlink(missing_ok=True)
+            value = self._memory.pop((b, name), None)
+            if value is not None:
+                self._memory_bytes -= value.nbytes
+            else:
+                self._path(b, name).unlink(missing_ok=True)
 
     def close(self) -> None:
+        self._memory.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "TensorCache":

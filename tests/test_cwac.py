@@ -162,3 +162,20 @@ def test_unfoldable_compensation_is_left_out_of_both_graphs(tmp_path):
     assert "mm_cwac_Mul" in muls and "gemm_cwac_Mul" not in muls
     check = check_fold(fused, unfused, calib[:4], 2)
     assert check.worst_forced <= 1e-5
+
+
+def test_tensor_cache_spills_to_disk_beyond_its_budget():
+    from qwt2_onnx.segments import TensorCache
+
+    with TensorCache(memory_budget=100) as cache:
+        small, big = np.arange(10, dtype=np.float32), np.arange(100, dtype=np.float32)
+        cache.put(0, "a", small)  # 40 bytes: memory
+        cache.put(0, "b", big)  # 400 bytes: disk
+        assert len(list(cache.root.iterdir())) == 1  # only b went to disk
+        np.testing.assert_array_equal(cache.get(0, "a"), small)
+        np.testing.assert_array_equal(cache.get(0, "b"), big)
+        cache.drop("b", 1)
+        cache.drop("a", 1)
+        assert not list(cache.root.iterdir()) and cache._memory_bytes == 0
+        root = cache.root
+    assert not root.exists()
