@@ -29,7 +29,13 @@ import onnx
 
 from .calib_data import CalibrationSet
 from .diffstats import DiffAccumulator, DiffStats, Tolerance, Verdict
-from .equivalence import FoldCheck, activation_quantizers, check_fold, exposing, layer_outputs
+from .equivalence import (
+    FoldCheck,
+    activation_quantizers,
+    check_fold,
+    exposing,
+    layer_outputs,
+)
 from .errors import QwtError
 from .runtime import batches, make_session
 

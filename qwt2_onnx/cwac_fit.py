@@ -40,6 +40,7 @@ import onnx_graphsurgeon as gs
 from .calib_data import CalibrationSet
 from .config import CwacConfig
 from .cwac import ChannelSums, Compensation, fit_affine
+from .cwac_gate import output_error
 from .graph_io import export_model
 from .passes.fold_compensation import weight_shape
 from .passes.insert_compensation import InsertCompensationPass, compensation_point
@@ -270,41 +271,6 @@ class _Parts:
         n_hold = max(1, int(round(n * cfg.holdout_fraction))) if n >= 4 else 0
         hold = data.take(n - n_hold, n) if n_hold else data.take(0, n)
         return cls(data.take(0, n - n_hold), hold, batch_size)
-
-
-_SATURATING = ("Softmax", "Sigmoid", "LogSoftmax")
-_SHAPE_ONLY = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
-
-
-def gate_tensors(model: onnx.ModelProto) -> list[str]:
-    """What the output gate compares: each graph output, or, when it is a Softmax / Sigmoid (up to reshapes),
-    that op's input.  A saturated probability hides the error of every confidently classified sample, so on
-    a small held-out set the output error would rest on one or two samples; the logits carry all of them."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    names = []
-    for out in model.graph.output:
-        t = out.name
-        while t in producer and producer[t].op_type in _SHAPE_ONLY:
-            t = producer[t].input[0]
-        names.append(producer[t].input[0] if t in producer and producer[t].op_type in _SATURATING else out.name)
-    return list(dict.fromkeys(names))
-
-
-def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> float:
-    """Σ over :func:`gate_tensors` of MSE(model, float) / mean(float²), simulated, on ``data``."""
-    from .runtime import with_outputs
-
-    names = gate_tensors(float_model)
-    ref = make_session(with_outputs(float_model, names), optimized=True)
-    cand = make_session(with_outputs(model, names), optimized=False)
-    err = {n: 0.0 for n in names}
-    power = {n: 0.0 for n in names}
-    for feed, _ in batches(data, batch_size):
-        for n, r, c in zip(names, ref.run(names, feed), cand.run(names, feed)):
-            r64, c64 = r.astype(np.float64), c.astype(np.float64)
-            err[n] += float(np.sum((c64 - r64) ** 2))
-            power[n] += float(np.sum(r64 ** 2))
-    return float(sum(err[n] / max(power[n], 1e-30) for n in names))
 
 
 def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan, data: CalibrationSet,

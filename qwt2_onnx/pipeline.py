@@ -20,18 +20,24 @@ import onnx_graphsurgeon as gs
 
 from .calib_data import CalibrationSet, InputSpec, open_calibration
 from .calibrate import collect_ranges
+from .checker import (
+    CheckReport,
+    data_summary,
+    deployed_comparison,
+    fold_comparisons,
+    layer_comparison,
+    now,
+)
 from .config import CompileConfig
 from .cwac import build_graphs, constrain_full_range, load_cwac_params
 from .cwac_fit import CwacFit, fit_compensations, layer_report
-from .errors import CheckFailed, QwtError, StageError
-from .graph_io import export_model
-from .fidelity import FidelityReport, measure_fidelity
-from .inspect_ort import FusionReport, fusion_report
-from .model_io import check_output_dir, load_model, save_model_atomic, save_text_atomic
-from .checker import CheckReport, data_summary, deployed_comparison, fold_comparisons, layer_comparison, now
 from .diffstats import Tolerance
 from .equivalence import check_fold
-from .report import dumps, render_html
+from .errors import CheckFailed, QwtError, StageError
+from .fidelity import FidelityReport, measure_fidelity
+from .graph_io import export_model
+from .inspect_ort import FusionReport, fusion_report
+from .model_io import check_output_dir, load_model, save_model_atomic, save_text_atomic
 from .passes.fold_batchnorm import FoldBatchNormPass
 from .passes.fold_constant_quantizers import FoldConstantQuantizersPass
 from .passes.insert_qdq import InsertQDQPass
@@ -39,6 +45,7 @@ from .passes.normalize import NormalizePass
 from .passes.simplify import SimplifyPass
 from .passes.trt_lint import TrtLintPass
 from .policy import QuantPlan, plan_from_qdq, plan_quantization, quantized_op_types
+from .report import dumps, render_html
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,13 @@ import onnx_graphsurgeon as gs
 from ..config import QuantConfig
 from ..observers import ActivationRange
 from ..policy import QuantPlan
-from ..quant import ActivationQParams, activation_qparams, quantize_bias, quantize_weight, weight_dtype
+from ..quant import (
+    ActivationQParams,
+    activation_qparams,
+    quantize_bias,
+    quantize_weight,
+    weight_dtype,
+)
 from . import PassResult
 
 logger = logging.getLogger(__name__)
