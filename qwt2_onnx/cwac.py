@@ -52,11 +52,6 @@ class ChannelSums:
         self.sqf += np.einsum("ij,ij->j", q2, f2)
         self.sff += np.einsum("ij,ij->j", f2, f2)
 
-    def pooled(self) -> "ChannelSums":
-        """The same statistics with every channel pooled into one (for a gain and bias shared by all)."""
-        return ChannelSums(1, self.axis, self.n * self.channels, *(np.array([getattr(self, k).sum()])
-                                                                   for k in ("sq", "sf", "sqq", "sqf", "sff")))
-
     def mse(self, gain: np.ndarray | None = None, bias: np.ndarray | None = None) -> float:
         """Mean squared error of (g·q + β) vs f over all channels, from the sums."""
         g = np.ones(self.channels) if gain is None else np.asarray(gain, np.float64)

@@ -84,10 +84,8 @@ def layer_report(fit: CwacFit, strategies: dict[str, str]) -> list[dict]:
     rows = []
     for f in fit.layers:
         comp = fit.compensations.get(f.layer)
-        status = f.status if fit.target != "none" else "not compensated: no held-out output gain"
-        if f.stats.get("shared_by_all_channels") and comp is not None:
-            status += " (softmax head: one gain and bias shared by all channels)"
-        rows.append({"layer": f.layer, "stage": f.stage, "status": status,
+        rows.append({"layer": f.layer, "stage": f.stage,
+                     "status": f.status if fit.target != "none" else "not compensated: no held-out output gain",
                      "fold": strategies.get(f.layer, "–"),
                      "gain_min": float(comp.gain.min()) if comp is not None else None,
                      "gain_max": float(comp.gain.max()) if comp is not None else None,
@@ -96,38 +94,6 @@ def layer_report(fit: CwacFit, strategies: dict[str, str]) -> list[dict]:
                      "zero_variance_channels": f.stats.get("zero_variance", 0),
                      "rejected_channels": f.stats.get("rejected_channels", 0)})
     return rows
-
-
-_SHAPE_ONLY = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
-
-
-def softmax_heads(graph: gs.Graph, points: dict[str, str]) -> set[str]:
-    """Layers whose compensation point feeds a Softmax / LogSoftmax within a few reshapes, Q/DQ or elementwise
-    ops (Shape readers ignored): class-logit heads.
-
-    Their compensation is one gain and one bias shared by all channels.  Per-class maps are fitted only on
-    the classes the calibration data exercises; for the others they shift logits arbitrarily.  Measured:
-    on PP-OCRv4 rec upgraded from onnxruntime's W8A8, per-class compensation of the 6625-class head took
-    the accuracy on rare characters (none in the calibration lines) from 0.57 to 0.43; leaving the head
-    out gave 0.63.  A shared map is a temperature (and a softmax-invariant offset): it cannot reorder
-    classes.
-    """
-    tensors = graph.tensors()
-    passing = (*_SHAPE_ONLY, "QuantizeLinear", "DequantizeLinear", "Add", "Sub", "Mul", "Div")
-    heads = set()
-    for layer, point in points.items():
-        frontier, seen = [tensors[point]], set()
-        for _ in range(8):  # a few ops downstream at most
-            nxt = []
-            for t in frontier:
-                for n in t.outputs:
-                    if n.op in ("Softmax", "LogSoftmax"):
-                        heads.add(layer)
-                    elif n.op in passing and id(n) not in seen:
-                        seen.add(id(n))
-                        nxt += n.outputs
-            frontier = nxt
-    return heads
 
 
 def layer_stages(graph: gs.Graph, layers: list[str]) -> dict[str, int]:
@@ -199,7 +165,6 @@ class _StagedFit:
                         for name in self.layers}
         self.axes = {lp.node: _axis(lp.op) for lp in plan.layers}
         InsertCompensationPass(_identity(plan, qgraph))(qgraph)
-        self.shared = softmax_heads(qgraph, self.points)
         self.twins = {}
         if target == "local":
             consts = {t.name: onnx.numpy_helper.to_array(t) for t in float_model.graph.initializer}
@@ -278,12 +243,7 @@ class _StagedFit:
     def _fit_layer(self, name: str, stage: int, sums) -> LayerFit:
         fit_sums = sums[("fit", name)]
         hold_sums = sums.get(("hold", name), fit_sums)
-        if name in self.shared:  # one gain and bias for every class (see softmax_heads)
-            g, beta, stats = fit_affine(fit_sums.pooled(), self.cfg.lam, self.cfg.max_gain)
-            g, beta = np.full(fit_sums.channels, g[0], np.float32), np.full(fit_sums.channels, beta[0], np.float32)
-            stats["shared_by_all_channels"] = True
-        else:
-            g, beta, stats = fit_affine(fit_sums, self.cfg.lam, self.cfg.max_gain)
+        g, beta, stats = fit_affine(fit_sums, self.cfg.lam, self.cfg.max_gain)
         before, after = hold_sums.mse(), hold_sums.mse(g, beta)
         if not after < before:
             return LayerFit(name, stage, "rejected: no held-out improvement", before, after, stats)
