@@ -67,7 +67,7 @@ ORT_CONFIGS: dict[str, dict] = {**_BASE, **{f"pp_{k}": {"pre_process": True, **v
 ORT_CONFIGS.update({
     "best_ppocr_rec": ORT_CONFIGS["pp_rr_cmg"],
     "best_yolov8n": ORT_CONFIGS["rr_cmg"],
-    "best_ppocr_cls": ORT_CONFIGS["defaults"],
+    "best_ppocr_cls": ORT_CONFIGS["pp_defaults"],  # 2000-line sweep; the upgrade rows in docs ran "defaults"
     "best_orientation": ORT_CONFIGS["defaults"],
     "best_ppocr_det": ORT_CONFIGS["pp_rr_movavg"],
 })

@@ -68,7 +68,8 @@ def model_table(model: str, entry: dict, ort: dict) -> list[str]:
             if row:
                 lines.append(f"| {LABEL[variant]} | failed: {row['error'][:80]} | | | | | |")
             continue
-        lines.append(f"| {LABEL[variant]} | {_cell(row.get('simulated'), keys)} | {_cell(row.get('deployed'), keys)} | "
+        label = LABEL[variant] + (f" (`{row['options']}`)" if row.get("options") else "")
+        lines.append(f"| {label} | {_cell(row.get('simulated'), keys)} | {_cell(row.get('deployed'), keys)} | "
                      f"{_sqnr(row, 'deployed')} | {row.get('compile_s', '–')} | {_cwac(row)} | {row.get('fusion', '–')} |")
     return lines + [""]
 
@@ -95,7 +96,7 @@ def cwac_table(results: dict) -> list[str]:
             chk = cw["cwac"]["fold_check"]
             worst = max([*chk["forced_max_rel"].values(),
                          *chk.get("forced_layer_max_rel", chk.get("forced_quantizer_max_rel", {})).values()])
-            lines.append(f"| {model} | {tag} | {f:.3f} | {p:.3f} | {c:.3f} | {gap} | {_sqnr(plain, 'deployed')} → "
+            lines.append(f"| {model} | {tag} | {f:.4f} | {p:.4f} | {c:.4f} | {gap} | {_sqnr(plain, 'deployed')} → "
                          f"{_sqnr(cw, 'deployed')} | {err['none']:.3g} → {err[cw['cwac']['target']]:.3g} "
                          f"({cw['cwac']['target']}) | {worst:.1e} | {cw.get('op_histogram_equal_plain')} |")
     return lines + [""]
