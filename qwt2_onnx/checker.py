@@ -33,11 +33,10 @@ from .equivalence import (
     FoldCheck,
     activation_quantizers,
     check_fold,
-    exposing,
     layer_outputs,
 )
 from .errors import QwtError
-from .runtime import batches, make_session
+from .runtime import batches, make_session, with_outputs
 
 SCHEMA = "qwt2-onnx/check-report/1"
 
@@ -148,8 +147,8 @@ def deployed_comparison(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: 
     codes = activation_quantizers(unfused)
     code_types = {c: t for c, (t, _) in codes.items()}
     srcs = {src: onnx.TensorProto.FLOAT for _, src in codes.values()}
-    dep = make_session(exposing(fused, code_types), optimized=True)
-    sim = make_session(exposing(unfused, {**code_types, **srcs}), optimized=False)
+    dep = make_session(with_outputs(fused, code_types), optimized=True)
+    sim = make_session(with_outputs(unfused, {**code_types, **srcs}), optimized=False)
     outputs = [o.name for o in unfused.graph.output]
     scales = _lsb_scales(unfused)
     q_scales = {c: scales.get(src) for c, (_, src) in codes.items()}
@@ -194,8 +193,8 @@ def layer_comparison(title: str, ref: onnx.ModelProto, cand: onnx.ModelProto, da
                            notes=[f"outputs: {', '.join(outputs)}"], fix="use one of the model's output names")
     fl = {r_layers[k]: onnx.TensorProto.FLOAT for k in layers}
     cl = {c_layers[k]: onnx.TensorProto.FLOAT for k in layers}
-    rs = make_session(exposing(ref, fl), optimized=ref_optimized)
-    cs = make_session(exposing(cand, cl), optimized=cand_optimized)
+    rs = make_session(with_outputs(ref, fl), optimized=ref_optimized)
+    cs = make_session(with_outputs(cand, cl), optimized=cand_optimized)
     acc = {o: DiffAccumulator(o) for o in outputs} | {p.name: DiffAccumulator(p.name) for p in parts}
     lacc = {k: DiffAccumulator(k) for k in layers}
     rn, cn = outputs + list(fl), outputs + list(cl)

@@ -129,6 +129,8 @@ def constrain_full_range(qmodel, compensations: dict[str, Compensation]) -> tupl
     quantized by another tool (upgrade mode) have such rows.  Returns (compensations, channels constrained)."""
     import onnx_graphsurgeon as gs
 
+    from .policy import output_axis
+
     graph = gs.import_onnx(qmodel)
     nodes = {n.name: n for n in graph.nodes}
     out, constrained = {}, 0
@@ -140,7 +142,7 @@ def constrain_full_range(qmodel, compensations: dict[str, Compensation]) -> tupl
         w = np.asarray(dq.inputs[0].values)
         scale = np.asarray(dq.inputs[1].values)
         zp = np.asarray(dq.inputs[2].values).astype(np.int64) if len(dq.inputs) > 2 else np.zeros(1, np.int64)
-        axis = int(dq.attrs.get("axis", 1)) % w.ndim if scale.size > 1 else _out_axis(nodes[name])
+        axis = int(dq.attrs.get("axis", 1)) % w.ndim if scale.size > 1 else output_axis(nodes[name])
         rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
         unflippable = np.any(rows == _int_min(w), axis=1) | np.broadcast_to(zp.reshape(-1) != 0, (rows.shape[0],))
         bad = (comp.gain < 0) & unflippable if unflippable.size == comp.gain.size else np.zeros(comp.gain.size, bool)
@@ -151,12 +153,6 @@ def constrain_full_range(qmodel, compensations: dict[str, Compensation]) -> tupl
                                        stats={**comp.stats, "full_range_negative_gain_left_alone": int(bad.sum())})
         out[name] = comp
     return out, constrained
-
-
-def _out_axis(node) -> int:
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return 0 if node.op == "Conv" else 1
 
 
 def _int_min(w: np.ndarray) -> int:

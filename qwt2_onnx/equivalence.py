@@ -34,7 +34,7 @@ from onnx import helper
 from .calib_data import CalibrationSet
 from .diffstats import DiffAccumulator, DiffStats
 from .errors import QwtError
-from .runtime import batches, make_session
+from .runtime import batches, make_session, with_outputs
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -106,15 +106,6 @@ def layer_outputs(model: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
-def exposing(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.ModelProto:
-    """``model`` that also returns ``tensors`` (name -> elem type)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(n, t, None) for n, t in tensors.items() if n not in have)
-    return m
-
-
 def _forced(model: onnx.ModelProto, codes: dict[str, tuple[int, str]], extra: dict[str, int]) -> onnx.ModelProto:
     """``model`` with each activation quantizer removed and its output made a graph input."""
     m = onnx.ModelProto()
@@ -123,7 +114,7 @@ def _forced(model: onnx.ModelProto, codes: dict[str, tuple[int, str]], extra: di
     del m.graph.node[:]
     m.graph.node.extend(keep)
     m.graph.input.extend(helper.make_tensor_value_info(n, t, None) for n, (t, _) in codes.items())
-    return exposing(m, extra)
+    return with_outputs(m, extra)
 
 
 def check_fold(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> FoldCheck:
@@ -141,8 +132,8 @@ def check_fold(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: Calibrati
     fl = {f_layers[k]: onnx.TensorProto.FLOAT for k in layers}
     ul = {u_layers[k]: onnx.TensorProto.FLOAT for k in layers}
     code_types = {c: t for c, (t, _) in codes.items()}
-    run_u = make_session(exposing(unfused, code_types), optimized=False)
-    run_f = make_session(exposing(fused, code_types), optimized=False)
+    run_u = make_session(with_outputs(unfused, code_types), optimized=False)
+    run_f = make_session(with_outputs(fused, code_types), optimized=False)
     forced_u = make_session(_forced(unfused, codes, ul), optimized=False)
     forced_f = make_session(_forced(fused, codes, fl), optimized=False)
     names = outputs + [c for c in codes if c not in outputs]

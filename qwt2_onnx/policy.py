@@ -202,7 +202,8 @@ def _dq_of_constant(t: gs.Tensor) -> gs.Node | None:
     return None
 
 
-def _output_axis(node: gs.Node) -> int:
+def output_axis(node: gs.Node) -> int:
+    """The output-channel axis of a layer's weight (Conv 0, ConvTranspose / MatMul 1, Gemm by transB)."""
     if node.op in ("Conv",):
         return 0
     if node.op == "Gemm":
@@ -243,7 +244,7 @@ def plan_from_qdq(qgraph: gs.Graph, fgraph: gs.Graph) -> QuantPlan:
             if fadd is not None and fadd.op == "Add" and isinstance(fadd.inputs[bias_input], gs.Constant):
                 bias_node, bias = add.name, fadd.inputs[bias_input].name
         layers.append(LayerPlan(node=node.name, op=node.op, activation=node.inputs[0].name,
-                                weight=fnode.inputs[1].name, axis=_output_axis(node), bias=bias, output=None,
+                                weight=fnode.inputs[1].name, axis=output_axis(node), bias=bias, output=None,
                                 bias_node=bias_node, bias_input=bias_input))
     return QuantPlan(layers, skipped, [])
 

@@ -32,12 +32,15 @@ def make_session(model: onnx.ModelProto | str, optimized: bool = True, threads: 
                        fix="check that the model runs in onnxruntime before quantizing it") from None
 
 
-def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns ``tensors`` as graph outputs."""
+def with_outputs(model: onnx.ModelProto, tensors: Iterable[str] | dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns ``tensors`` as graph outputs.  Element types: the given ones
+    (a name -> TensorProto type dict), else the model's value_info, else float."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = {o.name for o in m.graph.output}
     types = {vi.name: vi.type.tensor_type.elem_type for vi in m.graph.value_info}
+    if isinstance(tensors, dict):
+        types.update(tensors)
     for name in tensors:
         if name not in existing:
             m.graph.output.append(onnx.helper.make_tensor_value_info(

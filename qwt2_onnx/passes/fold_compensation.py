@@ -47,6 +47,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cwac import Compensation
+from ..policy import output_axis
 from . import PassResult
 
 logger = logging.getLogger(__name__)
@@ -145,8 +146,7 @@ def _to_per_channel(node: gs.Node) -> bool:
         return False
     w, scale = dq.inputs[0], dq.inputs[1]
     zp = dq.inputs[2] if len(dq.inputs) > 2 else None
-    axis = 0 if node.op == "Conv" else 1 if node.op in ("ConvTranspose", "MatMul") else (
-        0 if int(node.attrs.get("transB", 0)) else 1)
+    axis = output_axis(node)
     channels = w.shape[axis]
     scale.values = np.full(channels, float(_values(scale).reshape(())), np.float32)
     if zp is not None:
@@ -202,8 +202,7 @@ class FoldCompensationPass:
         if len(w.outputs) > 1 or len(node.inputs[1].outputs) > 1:
             return "shared_weight"
         axis = int(dq.attrs.get("axis", 1))
-        out_axis = 0 if node.op == "Conv" else 1 if node.op in ("ConvTranspose", "MatMul") else (
-            0 if int(node.attrs.get("transB", 0)) else 1)
+        out_axis = output_axis(node)
         if _values(scale).size != w.shape[out_axis] or axis % len(w.shape) != out_axis:
             return "weight_not_per_channel_on_output_axis"
         if zp is not None and not isinstance(zp, gs.Constant):
