@@ -301,8 +301,8 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
             progress(1, len(candidates))
     best = min(scores, key=lambda t: (scores[t], t != "none"))
     comps, fits = results[best]
-    n_stages = max(layer_stages(gs.import_onnx(qmodel), [lp.node for lp in plan.layers]).values(), default=0)
-    return CwacFit(comps, best, fits or results[candidates[0]][1], scores, n_stages, time.perf_counter() - t0)
+    fits = fits or results[candidates[0]][1]
+    return CwacFit(comps, best, fits, scores, max((f.stage for f in fits), default=0), time.perf_counter() - t0)
 
 
 def staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan, data: CalibrationSet,
