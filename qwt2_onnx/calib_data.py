@@ -90,6 +90,13 @@ class CalibrationSet:
             raise QwtError(f"calibration data {self.description} holds no samples",
                            fix="pass a non-empty --calib data set")
 
+    def validate(self) -> int:
+        """Read every sample once (names, ranks, shapes, dtypes, NaN/Inf) before any heavy work; the count.
+        Only the sample being checked is in memory."""
+        count = sum(1 for _ in self)
+        self.length = count
+        return count
+
     def take(self, start: int, stop: int | None) -> "CalibrationSet":
         """The samples [start, stop) of this set (a lazy view)."""
         def factory() -> Iterator[Feed]:

@@ -68,6 +68,9 @@ def main(verbose: int) -> None:
               help="Also write the unfused graph (explicit CWAC Mul/Add ops) here.")
 @click.option("--no-check", is_flag=True, help="Skip the equivalence check and its report (JSON + HTML beside OUT).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--external-data-above", type=int, default=None, metavar="BYTES",
+              help="Write weights as external data (OUT.data) above this model size [2 GB, protobuf's limit; "
+                   "always when the input has external data].")
 @click.option("--image-size", default=None, help="Image folders: H,W.")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
 @click.option("--mean", default="0,0,0", show_default=True)
@@ -77,7 +80,7 @@ def main(verbose: int) -> None:
 def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abits, full_range_weights,
                 calib_method, percentile, batch_size, max_samples, exclude, exclude_op, float_model, cwac_params,
                 no_cwac, cwac_target,
-                cwac_lambda, emit_unfused, no_check, no_simplify,
+                cwac_lambda, emit_unfused, no_check, no_simplify, external_data_above,
                 image_size, layout, mean, std, scale, channel_order) -> None:
     """Compile MODEL (float ONNX) into a QDQ model.  Without MODEL: the embedded digits CNN."""
     from . import default_model
@@ -96,7 +99,8 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
         config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples),
                                cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, lam=cwac_lambda,
                                                params=str(cwac_params) if cwac_params else None),
-                               simplify=not no_simplify, check=not no_check)
+                               simplify=not no_simplify, check=not no_check,
+                               external_data_above=external_data_above)
         if no_cwac and (cwac_target != "auto" or cwac_lambda != 0.0 or emit_unfused):
             click.echo("warning: --cwac-target / --cwac-lambda / --emit-unfused have no effect with --no-cwac", err=True)
         if calib_method != "percentile" and percentile != 99.99:
@@ -133,6 +137,14 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
             click.echo(_demo_accuracy(result))
     except QwtError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        _interrupted()
+
+
+def _interrupted() -> None:
+    """Ctrl-C: every output is staged and removed unless complete, so say so and exit 130 (128 + SIGINT)."""
+    click.secho("interrupted: nothing was written", fg="red", err=True)
+    sys.exit(130)
 
 
 def _fail(e: QwtError) -> None:
@@ -219,6 +231,8 @@ def check_cmd(fused, unfused, data, random_data, seed, report_dir, atol, rtol, s
         sys.exit(0 if report.passed else 1)
     except QwtError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        _interrupted()
 
 
 @main.command("diff")
@@ -248,15 +262,21 @@ def diff_cmd(reference, candidate, data, random_data, seed, report_dir, atol, rt
         sys.exit(0 if report.passed else 1)
     except QwtError as e:
         _fail(e)
+    except KeyboardInterrupt:
+        _interrupted()
 
 
 class _Progress:
     """A click progress bar created on the first update, when the total is known."""
 
     def __init__(self, label: str):
-        self.label, self.bar = label, None
+        self.label, self.bar, self.seen = label, None, 0
 
     def __call__(self, n: int, total: int | None) -> None:
+        if total is None:  # a source of unknown length (a generator): a running count instead of a bar
+            self.seen += n
+            click.echo(f"\r{self.label}: {self.seen} samples", nl=False, err=True)
+            return
         if self.bar is None:
             self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
             self.bar.__enter__()
@@ -268,6 +288,8 @@ class _Progress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
+        elif self.seen:
+            click.echo("", err=True)
 
 
 def _demo_accuracy(result) -> str:

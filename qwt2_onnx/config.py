@@ -70,6 +70,9 @@ class CalibConfig:
     percentile: float = 99.99
     batch_size: int = 8
     max_samples: int | None = None
+    # .npz of '<weight>:input_range' / '<weight>:output_range' [lo, hi] pairs that replace calibrated ranges
+    # (--act-ranges; e.g. from a calibrated PyTorch model, see range_overrides.py)
+    range_overrides: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,3 +112,6 @@ class CompileConfig:
     simplify: bool = True
     check: bool = True  # fused vs unfused check + float/plain/CWAC comparison, report beside the model
     holdout_samples: int = 16  # calibration samples kept aside for the fidelity summary
+    # write the model with external data above this serialized size (None: protobuf's 2 GB limit); a model
+    # read with external data is always written with external data
+    external_data_above: int | None = None

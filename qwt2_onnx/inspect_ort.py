@@ -17,7 +17,7 @@ from collections import Counter
 import onnx
 import onnxruntime as ort
 
-from .model_io import model_bytes
+from .model_io import runnable
 
 INTEGER_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
                    "MatMulInteger", "QLinearConvTranspose", "DynamicQuantizeMatMul"}
@@ -43,8 +43,9 @@ def optimized_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.optimized_model_filepath = path
         so.log_severity_level = 3
-        ort.InferenceSession(model_bytes(model), so, providers=["CPUExecutionProvider"])
-        return onnx.load(path)
+        with runnable(model) as src:
+            ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        return onnx.load(path, load_external_data=False)  # the structure is what is inspected
 
 
 def fusion_report(model: onnx.ModelProto, layers: dict[str, str]) -> FusionReport:

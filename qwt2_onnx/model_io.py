@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +75,10 @@ def _check_initializers(model: onnx.ModelProto, path: Path) -> None:
                            fix="re-export the model; the file may be corrupted or truncated")
 
 
-def _needs_external_data(model: onnx.ModelProto, threshold: int) -> bool:
-    return model.ByteSize() > threshold
+def has_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model file keeps any tensor in external data (read without loading the data)."""
+    m = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
@@ -88,73 +92,109 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return parent
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *,
-                      external_threshold: int = PROTOBUF_LIMIT) -> Path:
-    """Write ``model`` to ``path`` atomically; external data if it is too big."""
-    out = Path(path)
-    parent = check_output_dir(out)
-    external = _needs_external_data(model, external_threshold)
-    data_name = out.name + ".data"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp_data = parent / f".{data_name}.tmp"
-    try:
-        if external:
-            logger.info("model is %.1f GB: writing weights as external data %s", model.ByteSize() / 1e9, data_name)
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # save_model(external) rewrites tensors in place
-            model = copy
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            _retarget_external(tmp, data_name)
-            os.replace(tmp_data, parent / data_name)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString(deterministic=True))
-        os.replace(tmp, out)
-    except OSError as e:
-        raise QwtError(f"could not write {out}: {e.strerror or e}",
-                       notes=[f"errno {e.errno}"], fix="free disk space or choose another -o path") from None
-    finally:
-        for leftover in (Path(tmp), tmp_data):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+class AtomicOutputs:
+    """Files written as one: each is staged in a hidden temporary folder beside its destination and
+    ``commit()`` renames them all into place; leaving the ``with`` block any other way (an error, a full
+    disk, Ctrl-C) removes every staged file, so no half-written or partial set of outputs is ever seen.
+
+    A model is written with external data (``NAME.data`` beside it) when ``external`` is set or its
+    serialized size exceeds ``external_above`` bytes (protobuf cannot hold more than 2 GB)."""
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []  # (staged file, destination)
+        self._dirs: dict[Path, Path] = {}  # destination directory -> its staging folder
+
+    def _stage(self, path: str | os.PathLike) -> tuple[Path, Path]:
+        out = Path(path)
+        parent = check_output_dir(out)
+        if parent not in self._dirs:
+            self._dirs[parent] = Path(tempfile.mkdtemp(prefix=".qwt2-staging-", dir=parent))
+        return self._dirs[parent] / out.name, out
+
+    def model(self, model: onnx.ModelProto, path: str | os.PathLike, *, external: bool = False,
+              external_above: int | None = None) -> Path:
+        staged, out = self._stage(path)
+        limit = PROTOBUF_LIMIT if external_above is None else min(external_above, PROTOBUF_LIMIT)
+        external = external or model.ByteSize() > limit
+        with self._errors(out):
+            if external:
+                logger.info("writing %s with its weights as external data %s.data (%.2f GB)", out.name, out.name,
+                            model.ByteSize() / 1e9)
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)  # save_model(external) rewrites tensors in place
+                onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=out.name + ".data", size_threshold=1024)
+                data = staged.with_name(out.name + ".data")
+                if data.exists():  # tensors under 1 KiB stay inline: a tiny model may have nothing external
+                    self._staged.append((data, out.with_name(out.name + ".data")))
+            else:
+                with open(staged, "wb") as f:
+                    f.write(model.SerializeToString(deterministic=True))
+        self._staged.append((staged, out))
+        return out
+
+    def text(self, text: str, path: str | os.PathLike) -> Path:
+        staged, out = self._stage(path)
+        with self._errors(out):
+            with open(staged, "w") as f:
+                f.write(text)
+        self._staged.append((staged, out))
+        return out
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _errors(out: Path):
+        try:
+            yield
+        except OSError as e:
+            raise QwtError(f"could not write {out}: {e.strerror or e}", notes=[f"errno {e.errno}"],
+                           fix="free disk space or choose another -o path; nothing was written") from None
+
+    def commit(self) -> None:
+        for staged, out in self._staged:
+            with self._errors(out):
+                os.replace(staged, out)
+        self._staged.clear()
+
+    def __enter__(self) -> "AtomicOutputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for d in self._dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, external: bool = False,
+                      external_above: int | None = None) -> Path:
+    """Write one model atomically (see :class:`AtomicOutputs`)."""
+    with AtomicOutputs() as outputs:
+        out = outputs.model(model, path, external=external, external_above=external_above)
+        outputs.commit()
     return out
 
 
 def save_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write a small text file (a report) atomically: temp file in the destination directory, then rename."""
-    out = Path(path)
-    check_output_dir(out)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise QwtError(f"could not write {out}: {e.strerror or e}",
-                       fix="check that the directory exists and is writable, or choose another -o path") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                Path(tmp).unlink()
+    """Write a small text file (a report) atomically."""
+    with AtomicOutputs() as outputs:
+        out = outputs.text(text, path)
+        outputs.commit()
     return out
 
 
-def _retarget_external(model_file: str, data_name: str) -> None:
-    """Point the external-data references of ``model_file`` at ``data_name``."""
-    m = onnx.load(model_file, load_external_data=False)
-    for init in m.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                entry.value = data_name
-    with open(model_file, "wb") as f:
-        f.write(m.SerializeToString(deterministic=True))
-
-
-def model_bytes(model: onnx.ModelProto) -> bytes:
-    """Serialized model for onnxruntime (raises QwtError for > 2 GB models)."""
-    if model.ByteSize() > PROTOBUF_LIMIT:
-        raise QwtError("model exceeds 2 GB in memory; it can only be run from a file with external data")
-    return model.SerializeToString()
+@contextlib.contextmanager
+def runnable(model: onnx.ModelProto) -> Iterator[bytes | str]:
+    """What onnxruntime can load ``model`` from: its bytes, or for a model over protobuf's 2 GB limit a file
+    with external data in a temporary folder (removed on exit; the session keeps what it loaded)."""
+    if model.ByteSize() <= PROTOBUF_LIMIT:
+        yield model.SerializeToString()
+        return
+    folder = tempfile.mkdtemp(prefix="qwt2-large-model-")
+    try:
+        path = os.path.join(folder, "model.onnx")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

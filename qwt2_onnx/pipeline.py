@@ -37,7 +37,7 @@ from .errors import CheckFailed, QwtError, StageError
 from .fidelity import FidelityReport, measure_fidelity
 from .graph_io import export_model
 from .inspect_ort import FusionReport, fusion_report
-from .model_io import check_output_dir, load_model, save_model_atomic, save_text_atomic
+from .model_io import AtomicOutputs, check_output_dir, has_external_data, load_model
 from .passes.fold_batchnorm import FoldBatchNormPass
 from .passes.fold_constant_quantizers import FoldConstantQuantizersPass
 from .passes.insert_qdq import InsertQDQPass
@@ -107,10 +107,11 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
     check_output_dir(output_path)
     with _stage("load", seconds):
         model = load_model(model_path)
+        external = has_external_data(model_path)  # big models keep their weights beside the graph, out as in
         _refuse_quantized(model, model_path)
         specs = InputSpec.from_model(model)
         data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
-        next(iter(data))  # names, shapes, dtypes checked before any heavy work
+        data.validate()  # every sample: names, shapes, dtypes, NaN/Inf, before any heavy work
     with _stage("normalize", seconds):
         result = NormalizePass(qcfg.min_opset)(model)
         stages["normalize"] = result.stats
@@ -122,7 +123,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
     with _stage("plan", seconds):
         plan = plan_quantization(graph, qcfg)
         stages["plan"] = {"layers": len(plan.layers), "skipped": dict(plan.skipped),
-                          "unmatched_patterns": plan.unmatched_patterns}
+                          "unmatched_patterns": plan.unmatched_patterns, "left_float": dict(plan.left_float)}
         if not plan.layers:
             raise QwtError("the model has no layer that can be quantized",
                            notes=[f"{name}: {why}" for name, why in list(plan.skipped.items())[:10]]
@@ -130,12 +131,17 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
                            fix="check the exclusions (--exclude, --exclude-op); a model without such layers gains nothing")
     calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
     with _stage("calibrate", seconds):
-        ranges = collect_ranges(float_model, plan.activation_tensors, calib_part, config.calib, progress)
+        overrides = _range_overrides(config, plan)
+        ranges = collect_ranges(float_model, [t for t in plan.activation_tensors if t not in overrides],
+                                calib_part, config.calib, progress)
+        ranges.update(overrides)
+        if overrides:
+            stages["calibrate"] = {"range_overrides": len(overrides)}
     with _stage("insert_qdq", seconds):
         stages["insert_qdq"] = InsertQDQPass(plan, ranges, qcfg)(graph).stats
         plain = export_model(graph)
     return _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
-                                 unfused_path, measure, seconds, stages)
+                                 unfused_path, measure, seconds, stages, external)
 
 
 def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_path: str | Path,
@@ -150,9 +156,14 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
     if output_path.resolve() in (qdq_path.resolve(), float_path.resolve()):
         raise QwtError("the output path is an input model", notes=[f"path: {output_path}"],
                        fix="pass a different -o path; input models are never overwritten")
+    if config.calib.range_overrides is not None:
+        raise QwtError("activation range overrides have no effect in upgrade mode",
+                       notes=["the QDQ model's own activation quantizers are kept as they are"],
+                       fix="drop --act-ranges, or compile the float model instead")
     check_output_dir(output_path)
     with _stage("load", seconds):
         qmodel, fmodel = load_model(qdq_path), load_model(float_path)
+        external = has_external_data(qdq_path)
         if "DequantizeLinear" not in {n.op_type for n in qmodel.graph.node}:
             raise QwtError(f"{qdq_path.name} is not a QDQ model (no DequantizeLinear)",
                            fix="upgrade mode takes a QDQ-quantized model; compile a float model without --float-model")
@@ -162,7 +173,7 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
                            notes=[f"QDQ: {[s.name for s in InputSpec.from_model(qmodel)]}", f"float: {[s.name for s in specs]}"],
                            fix="pass the float model the QDQ model was quantized from (--float-model)")
         data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
-        next(iter(data))
+        data.validate()
     with _stage("normalize", seconds):
         float_model = NormalizePass(13)(fmodel).graph
         result = FoldConstantQuantizersPass()(NormalizePass(13)(qmodel).graph)
@@ -178,11 +189,11 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
                            fix="pass the float model the QDQ model was quantized from; node names must match")
     calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
     return _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
-                                 unfused_path, measure, seconds, stages)
+                                 unfused_path, measure, seconds, stages, external)
 
 
 def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
-                          unfused_path, measure, seconds, stages) -> CompileResult:
+                          unfused_path, measure, seconds, stages, external: bool) -> CompileResult:
     """fit CWAC ─► fold ─► lint ─► check (report) ─► write ─► fusion report ─► fidelity."""
     qcfg = config.quant
     cwac, unfused, fused, fold = None, plain, plain, None
@@ -201,7 +212,8 @@ def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_
         with _stage("check", seconds):
             report = _compile_report(float_model, plain, qmodel, unfused, fold, cwac, stages, eval_part, config)
     with _stage("write", seconds):
-        _write(qmodel, unfused if unfused_path else None, report, fold, output_path, unfused_path)
+        _write(qmodel, unfused if unfused_path else None, report, fold, output_path, unfused_path,
+               external, config.external_data_above)
     fusion = fidelity = None
     if measure:
         with _stage("inspect", seconds):
@@ -210,6 +222,15 @@ def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_
             fidelity = measure_fidelity(float_model, qmodel, eval_part, config.calib.batch_size, held_out,
                                         baseline=plain if cwac and cwac.compensations else None)
     return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds, cwac, plain, report)
+
+
+def _range_overrides(config: CompileConfig, plan: QuantPlan) -> dict:
+    """Activation ranges given from outside (``CalibConfig.range_overrides``, ``--act-ranges``)."""
+    if config.calib.range_overrides is None:
+        return {}
+    from .range_overrides import load_range_overrides
+
+    return load_range_overrides(config.calib.range_overrides, plan)
 
 
 def _fit(float_model, plain, plan, calib_part, config) -> CwacFit:
@@ -249,22 +270,27 @@ def _compile_report(float_model, plain, qmodel, unfused, fold, cwac, stages, dat
     return CheckReport("compile", {"output": "the compiled model"}, data_summary(data, bs), comparisons, now(), layers)
 
 
-def _write(qmodel, unfused, report, fold, output_path: Path, unfused_path) -> None:
-    """The report first; the model only when the check passed (a failing model is never written)."""
-    if report is not None:
-        json_path, html_path = report_paths(output_path)
-        save_text_atomic(dumps(report), json_path)
-        save_text_atomic(render_html(report), html_path)
+def _write(qmodel, unfused, report, fold, output_path: Path, unfused_path, external: bool,
+           external_above: int | None) -> None:
+    """The model only when the check passed (a failing model is never written, its report is); all
+    outputs land together or not at all."""
     failed = (report is not None and not report.passed) or (fold is not None and fold.worst_forced > FOLD_TOLERANCE)
+    with AtomicOutputs() as outputs:
+        if report is not None:
+            json_path, html_path = report_paths(output_path)
+            outputs.text(dumps(report), json_path)
+            outputs.text(render_html(report), html_path)
+        if not failed:
+            outputs.model(qmodel, output_path, external=external, external_above=external_above)
+            if unfused is not None:
+                outputs.model(unfused, Path(unfused_path), external=external, external_above=external_above)
+        outputs.commit()
     if failed:
         lines = [v.line() for v in (report.verdicts if report else []) if not v.passed][:10]
         raise CheckFailed("the folded model does not compute what the unfused model computes; nothing was written",
                           notes=lines or [f"max relative difference {fold.worst_forced:.3g} > {FOLD_TOLERANCE:g}"],
                           fix=f"see the report {report_paths(output_path)[1]}" if report else
                           "report this as a bug; --no-cwac writes the plain QDQ model meanwhile")
-    save_model_atomic(qmodel, output_path)
-    if unfused is not None:
-        save_model_atomic(unfused, Path(unfused_path))
 
 
 def report_paths(output_path: Path) -> tuple[Path, Path]:

@@ -69,6 +69,8 @@ class QuantPlan:
     layers: list[LayerPlan]
     skipped: dict[str, str]  # node name -> reason
     unmatched_patterns: list[str]
+    left_float: dict[str, str] = dataclasses.field(default_factory=dict)  # other compute ops no Q/DQ goes around
+
 
     @property
     def activation_tensors(self) -> list[str]:
@@ -191,7 +193,23 @@ def plan_quantization(graph: gs.Graph, cfg: QuantConfig) -> QuantPlan:
             output=_output_point(node, graph_outputs) if pol.quantize_output else None,
             bias_node=bias_node, bias_input=bias_input))
     unmatched = [p for p in patterns if p not in used]
-    return QuantPlan(layers, skipped, unmatched)
+    return QuantPlan(layers, skipped, unmatched, left_float_ops(graph))
+
+
+FLOAT_KINDS = {"If": "control flow", "Loop": "control flow", "Scan": "control flow",
+               "LSTM": "recurrent", "GRU": "recurrent", "RNN": "recurrent"}
+
+
+def left_float_ops(graph: gs.Graph) -> dict[str, str]:
+    """Nodes the policy never quantizes but a user would ask about: control flow, recurrent layers and
+    custom-domain ops.  They run in float between the quantized layers around them."""
+    out = {}
+    for node in graph.nodes:
+        if node.op in FLOAT_KINDS:
+            out[node.name] = f"{node.op}: {FLOAT_KINDS[node.op]}"
+        elif node.domain not in ("", "ai.onnx"):
+            out[node.name] = f"{node.domain}::{node.op}: custom-domain op"
+    return out
 
 
 def _dq_of_constant(t: gs.Tensor) -> gs.Node | None:

@@ -10,6 +10,10 @@ def render_summary(result) -> str:
     lines.append(f"quantized {len(plan.layers)} layers; kept float: {len(plan.skipped)}")
     for reason, n in sorted(Counter(plan.skipped.values()).items()):
         lines.append(f"  float ({reason}): {n}")
+    if plan.left_float:
+        named = ", ".join(f"'{name}' ({what})" for name, what in list(plan.left_float.items())[:8])
+        more = f" and {len(plan.left_float) - 8} more" if len(plan.left_float) > 8 else ""
+        lines.append(f"  left in float (quantized around): {named}{more}")
     if plan.unmatched_patterns:
         lines.append(f"  exclusion patterns that matched nothing: {', '.join(plan.unmatched_patterns)}")
     if result.stages.get("simplify", {}).get("onnxsim", "").startswith("skipped"):

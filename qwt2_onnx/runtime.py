@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from .calib_data import Feed
 from .errors import QwtError
-from .model_io import model_bytes
+from .model_io import runnable
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +23,11 @@ def make_session(model: onnx.ModelProto | str, optimized: bool = True, threads: 
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    src = model if isinstance(model, str) else model_bytes(model)
     try:
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        if isinstance(model, str):
+            return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        with runnable(model) as src:
+            return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise QwtError("onnxruntime cannot load the model",
                        notes=[f"{type(e).__name__}: {str(e)[:400]}"],

@@ -37,14 +37,17 @@ from onnx import helper
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Names read inside a node's subgraph attributes (If/Loop/Scan bodies)."""
+    """Outer-scope names read inside a node's subgraph attributes (If/Loop/Scan bodies): what the bodies
+    read minus what they define themselves (their inputs, initializers and node outputs)."""
     names: set[str] = set()
     for attr in node.attribute:
         graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
         for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            local |= {o for n in g.node for o in n.output}
             for n in g.node:
-                names.update(i for i in n.input if i)
-                names |= _subgraph_inputs(n)
+                names.update(i for i in n.input if i and i not in local)
+                names |= _subgraph_inputs(n) - local
     return names
 
 
