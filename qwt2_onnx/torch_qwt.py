@@ -1,0 +1,311 @@
+"""A PyTorch-side QwT-v2 reference on the exact grid ``compile`` uses (needs the ``[torch]`` extra).
+
+``QuantSim(module)`` traces the module with ``torch.fx`` (Conv1d/2d/3d and Linear modules, subclasses
+included, as leaves) and mirrors the default policy of ``policy.py`` / ``InsertQDQPass`` on that graph:
+
+* a layer is a Conv/Linear module called once, keyed by its weight's parameter name (the name
+  ``export`` keeps as the ONNX initializer name);
+* a BatchNorm module that is the only reader of a Conv's output folds into it as ``FoldBatchNormPass``
+  does it: ``s = γ/sqrt(σ²+ε)`` in float64 (ε as the float32 ONNX attribute), ``W' = s·W``,
+  ``b' = s·(b − μ) + δ``, cast to float32;
+* activation quantizers, per tensor: every layer's input (read quantized by the layers only), and each
+  Conv's *output point* — its (BN-folded) output, or the output of a single following ReLU — unless it
+  is a module output; an output point is read quantized by every reader;
+* weights per output channel, symmetric narrow range (``quant.quantize_weight``, ``QuantConfig.weight_qmax``:
+  [−63, 63] for the default ort target); activations from ``quant.activation_qparams`` on ranges
+  observed with min/max on the float module; ``--target ort``: Conv and 2-D Linear biases on the int32
+  grid ``s_x·s_w`` (``quant.quantize_bias``);
+* fake quantization ``(clip(round(x / s) + z) − z)·s`` in float32, round half to even like
+  QuantizeLinear.
+
+``fit()`` fits CWAC (``y' = g ⊙ y + β`` after each layer, global target: the float module's tensor)
+layer by layer in topological order, each layer seeing every earlier compensation (the staged protocol
+of DESIGN.md with one layer per stage), with ``cwac.ChannelSums`` / ``cwac.fit_affine``.  ``save()``
+writes what ``compile`` takes: ``--cwac-params`` (``<weight>:gain`` / ``:bias``) and ``--act-ranges``
+(``<weight>:input_range`` / ``:output_range``).  A model the reference cannot mirror (a functional
+conv on a parameter, a ConvTranspose...) is refused with a ``QwtError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from .config import QuantConfig
+from .cwac import ChannelSums, fit_affine
+from .errors import QwtError
+from .observers import ActivationRange, MinMaxObserver
+from .quant import activation_dtype, activation_qparams, quantize_bias, quantize_weight
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TorchLayer:
+    weight: str  # parameter name, e.g. 'features.0.weight'
+    node: str  # fx node of the module call
+    kind: str  # 'conv' or 'linear'
+    result: str  # fx node whose value is the (BN-folded) layer output: the BN node, else the layer node
+    input: str  # fx node read (quantized) as the activation
+    output_point: str | None  # fx node quantized after the layer (Conv only)
+    w: object = None  # dequantized folded weight (torch tensor)
+    s_w: np.ndarray | None = None  # its per-channel scales
+    int32_bias: bool = False  # bias on the int32 grid s_x·s_w (ort target, Conv or 2-D Linear)
+    b_grid: tuple | None = None  # (int32 bias, its scale)
+    b_float: np.ndarray | None = None  # folded float bias
+    gain: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+
+class QuantSim:
+    """Fake-quantized twin of a module on ``compile``'s grid (see module doc)."""
+
+    def __init__(self, module, qcfg: QuantConfig = QuantConfig()):
+        import torch
+        import torch.fx
+
+        self.torch, self.qcfg = torch, qcfg
+        if not isinstance(module, torch.nn.Module):
+            raise QwtError(f"QuantSim takes a torch.nn.Module, got {type(module).__name__}", fix="pass the model")
+        self.module = module.eval()
+        leaves = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+
+        class _Tracer(torch.fx.Tracer):
+            def is_leaf_module(self, m, qualname):
+                return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+        try:
+            self.graph = _Tracer().trace(self.module)
+        except Exception as e:  # noqa: BLE001
+            raise QwtError("torch.fx cannot trace the module", notes=[f"{type(e).__name__}: {str(e)[:300]}"],
+                           fix="QuantSim needs an fx-traceable module") from None
+        self.nodes = {n.name: n for n in self.graph.nodes}
+        self.submodules = dict(self.module.named_modules())
+        self.layers = self._find_layers(leaves)
+        self.by_node = {lay.node: lay for lay in self.layers}
+        self.folded_bn = {lay.result for lay in self.layers if lay.result != lay.node}
+        self.inputs = {lay.input for lay in self.layers}
+        self.outputs = {lay.output_point for lay in self.layers if lay.output_point}
+        self.qparams: dict[str, tuple] = {}
+        self.ranges: dict[str, tuple[float, float]] = {}
+
+    # -- structure ---------------------------------------------------------------------------------------
+    def _find_layers(self, leaves) -> list[TorchLayer]:
+        torch, F = self.torch, self.torch.nn.functional
+        functional = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose2d, torch.matmul}
+        calls: dict[str, int] = {}
+        for n in self.graph.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
+            if n.op == "call_function" and n.target in functional and any(
+                    getattr(a, "op", None) == "get_attr" for a in n.args):
+                raise QwtError(f"QuantSim cannot mirror '{n.name}': a functional {n.target.__name__} on a parameter",
+                               fix="use nn.Conv*/nn.Linear modules for the layers to quantize")
+            if n.op == "call_module" and isinstance(self.submodules[n.target], torch.nn.modules.conv._ConvTransposeNd):
+                raise QwtError(f"QuantSim does not mirror ConvTranspose ('{n.target}')", fix="none yet")
+        out_node = next(n for n in self.graph.nodes if n.op == "output")
+        returned = set(out_node.all_input_nodes)
+        layers = []
+        for n in self.graph.nodes:
+            if n.op != "call_module" or not isinstance(self.submodules[n.target], leaves):
+                continue
+            if calls[n.target] > 1 or not n.args or not hasattr(n.args[0], "op"):
+                continue  # shared weight / constant activation: compile leaves these in float too
+            kind = "linear" if isinstance(self.submodules[n.target], torch.nn.Linear) else "conv"
+            result = n
+            if kind == "conv" and len(n.users) == 1 and n not in returned:
+                user = next(iter(n.users))
+                if user.op == "call_module" and isinstance(self.submodules[user.target],
+                                                           torch.nn.modules.batchnorm._BatchNorm):
+                    result = user
+            point = None
+            if kind == "conv" and result not in returned:
+                point = result
+                if len(result.users) == 1 and _is_relu(torch, self.submodules, next(iter(result.users))):
+                    relu = next(iter(result.users))
+                    point = relu if relu not in returned else result
+            layers.append(TorchLayer(f"{n.target}.weight", n.name, kind, result.name, n.args[0].name,
+                                     point.name if point is not None else None))
+        if not layers:
+            raise QwtError("the module has no Conv/Linear layer to quantize", fix="nothing to do")
+        return layers
+
+    # -- execution ----------------------------------------------------------------------------------------
+    def _run(self, inputs, quantize: bool, compensate: bool = True, stop: str | None = None, observe=None):
+        """Run the traced graph; ``stop``: return the value of that node (pre-compensation for a layer)."""
+        torch = self.torch
+        env, qenv = {}, {}
+        args_iter = iter(inputs)
+
+        def load(a):
+            return torch.fx.node.map_arg(a, lambda x: env[x.name])
+
+        for n in self.graph.nodes:
+            if n.op == "placeholder":
+                value = next(args_iter)
+            elif n.op == "output":
+                return load(n.args[0])
+            elif n.op == "get_attr":
+                value = _getattr(self.module, n.target)
+            elif quantize and n.name in self.by_node:
+                lay = self.by_node[n.name]
+                value = self._layer(lay, qenv.get(lay.input, env[lay.input]))
+                if stop == n.name:
+                    return value
+                if compensate and lay.gain is not None:
+                    shape = (1, -1) + (1,) * (value.ndim - 2) if lay.kind == "conv" else (-1,)
+                    beta = self._snapped_bias(lay) if lay.int32_bias else lay.bias
+                    value = value * torch.from_numpy(lay.gain).view(shape) + torch.from_numpy(beta).view(shape)
+            elif quantize and n.name in self.folded_bn:
+                value = env[n.args[0].name]
+            else:
+                args, kwargs = load(n.args), load(n.kwargs)
+                if n.op == "call_module":
+                    value = self.submodules[n.target](*args, **kwargs)
+                elif n.op == "call_function":
+                    value = n.target(*args, **kwargs)
+                else:
+                    value = getattr(args[0], n.target)(*args[1:], **kwargs)
+            if stop == n.name:
+                return value
+            if observe is not None and (n.name in self.inputs or n.name in self.outputs):
+                observe(n.name, value)
+            if quantize and n.name in self.outputs:
+                value = self._fake_quant(n.name, value)
+            elif quantize and n.name in self.inputs:
+                qenv[n.name] = self._fake_quant(n.name, value)
+            env[n.name] = value
+        raise AssertionError("graph without output")
+
+    def _layer(self, lay: TorchLayer, x):
+        torch = self.torch
+        mod = self.submodules[self.nodes[lay.node].target]
+        if lay.w is None:
+            self._quantize_layer(lay, mod)
+        b = lay.b_float
+        lay.int32_bias = self.qcfg.target == "ort" and (lay.kind == "conv" or x.ndim == 2)
+        if lay.int32_bias:
+            b_q, scale, _ = quantize_bias(b, self.qparams[lay.input][0], lay.s_w)
+            b = b_q.astype(np.float32) * scale
+            lay.b_grid = (b_q, scale)
+        y = torch.func.functional_call(mod, {"weight": lay.w, **({"bias": torch.zeros(b.shape)} if mod.bias is not None else {})}, (x,))
+        shape = (1, -1) + (1,) * (y.ndim - 2) if lay.kind == "conv" else (-1,)
+        return y + torch.from_numpy(np.asarray(b, np.float32)).view(shape)
+
+    def _snapped_bias(self, lay: TorchLayer) -> np.ndarray:
+        """β moved so that g·b + β lies on the folded layer's int32 bias grid, as ``fold_compensation.snap_bias``
+        does: the compensated output is then what the folded int8 layer computes, not only close to it."""
+        b_q, scale = lay.b_grid
+        b = b_q.astype(np.float64) * scale.astype(np.float64)
+        g = lay.gain
+        s_w = np.where(g == 0, lay.s_w, lay.s_w * np.abs(g)).astype(np.float32)
+        new_scale = (np.float32(self.qparams[lay.input][0]) * s_w).astype(np.float32).astype(np.float64)
+        target = np.round((g * b + lay.bias) / new_scale) * new_scale
+        return (target - g.astype(np.float64) * b).astype(np.float32)
+
+    def _quantize_layer(self, lay: TorchLayer, mod) -> None:
+        w = mod.weight.detach().cpu().numpy().astype(np.float32)
+        b = mod.bias.detach().cpu().numpy().astype(np.float32) if mod.bias is not None else None
+        if lay.result != lay.node:
+            w, b = _fold_bn(w, b, self.submodules[self.nodes[lay.result].target])
+        b = np.zeros(w.shape[0], np.float32) if b is None else b
+        w_q, s_w = quantize_weight(w, 0, self.qcfg.weight_qmax)
+        lay.s_w, lay.b_float = s_w, b
+        deq = w_q.astype(np.float32) * s_w.reshape((-1,) + (1,) * (w.ndim - 1))
+        lay.w = self.torch.from_numpy(deq.astype(np.float32))
+
+    def _fake_quant(self, name: str, x):
+        scale, zp, lo, hi = self.qparams[name]
+        q = self.torch.clamp(self.torch.round(x / scale) + zp, lo, hi)
+        return (q - zp) * scale
+
+    # -- calibration and fit --------------------------------------------------------------------------------
+    def calibrate(self, batches) -> dict[str, tuple[float, float]]:
+        """Min/max ranges of every quantized activation on the float module; sets the quantizers."""
+        observers = {name: MinMaxObserver() for name in self.inputs | self.outputs}
+        with self.torch.no_grad():
+            for xs in batches:
+                self._run(_tuple(xs), quantize=False,
+                          observe=lambda name, v: observers[name].update(v.detach().cpu().numpy()))
+        dtype = activation_dtype(self.qcfg)
+        info = np.iinfo(np.uint8 if dtype.__name__ == "uint8" else np.int8) if dtype in (np.uint8, np.int8) else None
+        lo_q, hi_q = (int(info.min), int(info.max)) if info else ((0, 15) if "uint" in dtype.__name__ else (-8, 7))
+        for name, obs in observers.items():
+            self.ranges[name] = obs.range()
+            qp = activation_qparams(ActivationRange(name, *self.ranges[name], "minmax"), self.qcfg)
+            self.qparams[name] = (float(qp.scale), float(qp.zero_point), lo_q, hi_q)
+        for lay in self.layers:
+            lay.w = None
+        return self.ranges
+
+    def fit(self, batches, lam: float = 0.0, max_gain: float = 4.0) -> dict[str, dict]:
+        """CWAC, global target, layer by layer in topological order (see module doc); returns per-layer stats."""
+        if not self.qparams:
+            raise QwtError("QuantSim.fit before calibrate", fix="call calibrate(batches) first")
+        batches = [_tuple(xs) for xs in batches]
+        stats = {}
+        with self.torch.no_grad():
+            for lay in self.layers:
+                sums = None
+                for xs in batches:
+                    q = self._run(xs, quantize=True, stop=lay.node).detach().cpu().numpy()
+                    f = self._run(xs, quantize=False, stop=lay.result).detach().cpu().numpy()
+                    axis = 1 if lay.kind == "conv" else -1
+                    sums = sums or ChannelSums(q.shape[axis], axis)
+                    sums.update(q, f)
+                before = sums.mse()
+                lay.gain, lay.bias, st = fit_affine(sums, lam, max_gain)
+                stats[lay.weight] = {**st, "mse_before": before, "mse_after": sums.mse(lay.gain, lay.bias)}
+        return stats
+
+    def __call__(self, *inputs, quantize: bool = True, compensate: bool = True):
+        with self.torch.no_grad():
+            return self._run(inputs, quantize=quantize, compensate=compensate)
+
+    # -- what compile takes -------------------------------------------------------------------------------
+    def cwac_arrays(self) -> dict[str, np.ndarray]:
+        return {f"{lay.weight}:{k}": getattr(lay, k) for lay in self.layers if lay.gain is not None
+                for k in ("gain", "bias")}
+
+    def range_arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        for lay in self.layers:
+            out[f"{lay.weight}:input_range"] = np.array(self.ranges[lay.input], np.float64)
+            if lay.output_point:
+                out[f"{lay.weight}:output_range"] = np.array(self.ranges[lay.output_point], np.float64)
+        return out
+
+    def save(self, cwac_path, ranges_path) -> None:
+        np.savez(cwac_path, **self.cwac_arrays())
+        np.savez(ranges_path, **self.range_arrays())
+
+
+def _tuple(xs) -> tuple:
+    return tuple(xs) if isinstance(xs, (tuple, list)) else (xs,)
+
+
+def _getattr(obj, target: str):
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_relu(torch, submodules, node) -> bool:
+    F = torch.nn.functional
+    return ((node.op == "call_module" and type(submodules[node.target]) is torch.nn.ReLU)
+            or (node.op == "call_function" and node.target in (F.relu, torch.relu))
+            or (node.op == "call_method" and node.target == "relu"))
+
+
+def _fold_bn(w: np.ndarray, b: np.ndarray | None, bn) -> tuple[np.ndarray, np.ndarray]:
+    """FoldBatchNormPass's arithmetic on a PyTorch BatchNorm (eps as the float32 ONNX attribute)."""
+    c = w.shape[0]
+    gamma = bn.weight.detach().numpy() if bn.weight is not None else np.ones(c, np.float32)
+    beta = bn.bias.detach().numpy() if bn.bias is not None else np.zeros(c, np.float32)
+    mean, var = bn.running_mean.detach().numpy(), bn.running_var.detach().numpy()
+    s = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + float(np.float32(bn.eps)))
+    b = np.zeros(c, w.dtype) if b is None else b
+    w_new = (w.astype(np.float64) * s.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
+    b_new = (s * (b.astype(np.float64) - mean.astype(np.float64)) + beta.astype(np.float64)).astype(w.dtype)
+    return w_new, b_new
