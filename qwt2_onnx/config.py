@@ -73,9 +73,6 @@ class CalibConfig:
     # .npz of '<weight>:input_range' / '<weight>:output_range' [lo, hi] pairs that replace calibrated ranges
     # (--act-ranges; e.g. from a calibrated PyTorch model, see range_overrides.py)
     range_overrides: str | None = None
-    # .npz of '<weight>:input_range' / '<weight>:output_range' [lo, hi] pairs that replace calibrated ranges
-    # (--act-ranges; e.g. from a calibrated PyTorch model, see range_overrides.py)
-    range_overrides: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -233,15 +233,6 @@ def _range_overrides(config: CompileConfig, plan: QuantPlan) -> dict:
     return load_range_overrides(config.calib.range_overrides, plan)
 
 
-def _range_overrides(config: CompileConfig, plan: QuantPlan) -> dict:
-    """Activation ranges given from outside (``CalibConfig.range_overrides``, ``--act-ranges``)."""
-    if config.calib.range_overrides is None:
-        return {}
-    from .range_overrides import load_range_overrides
-
-    return load_range_overrides(config.calib.range_overrides, plan)
-
-
 def _fit(float_model, plain, plan, calib_part, config) -> CwacFit:
     if config.cwac.params is not None:
         cwac = CwacFit(load_cwac_params(config.cwac.params, plan, plain), "params", [], {}, 0, 0.0)
