@@ -2,6 +2,7 @@
 from .config import CalibConfig, CompileConfig, QuantConfig
 from .errors import QwtError, StageError
 from .pipeline import CompileResult, compile_model
+from .torch_export import export  # imports torch only when called (extra [torch])
 
-__all__ = ["CalibConfig", "CompileConfig", "CompileResult", "QuantConfig", "QwtError", "StageError", "compile_model"]
+__all__ = ["CalibConfig", "CompileConfig", "CompileResult", "QuantConfig", "QwtError", "StageError", "compile_model", "export"]
 __version__ = "0.1.0"

@@ -60,6 +60,8 @@ def main(verbose: int) -> None:
               help="Upgrade mode: MODEL is already QDQ-quantized (e.g. by onnxruntime); this is its float original.")
 @click.option("--cwac-params", type=click.Path(path_type=Path), default=None,
               help="Fold compensation fitted elsewhere: .npz of '<weight>:gain' / '<weight>:bias' arrays.")
+@click.option("--act-ranges", type=click.Path(path_type=Path), default=None,
+              help="Activation ranges given from outside: .npz of '<weight>:input_range' / ':output_range' [lo, hi].")
 @click.option("--no-cwac", is_flag=True, help="Plain PTQ: no QwT-v2 compensation.")
 @click.option("--cwac-target", type=click.Choice(["auto", "global", "local"]), default="auto", show_default=True,
               help="CWAC fit target; auto fits both and keeps the one with the lower held-out output error.")
@@ -78,7 +80,7 @@ def main(verbose: int) -> None:
 @click.option("--scale", type=float, default=1 / 255, show_default=True)
 @click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
 def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abits, full_range_weights,
-                calib_method, percentile, batch_size, max_samples, exclude, exclude_op, float_model, cwac_params,
+                calib_method, percentile, batch_size, max_samples, exclude, exclude_op, float_model, cwac_params, act_ranges,
                 no_cwac, cwac_target,
                 cwac_lambda, emit_unfused, no_check, no_simplify, external_data_above,
                 image_size, layout, mean, std, scale, channel_order) -> None:
@@ -96,7 +98,8 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
         qcfg = QuantConfig(target=target, wbits=int(wbits), abits=int(abits), act_type=act_type,
                            avx2_safe_weights=not full_range_weights,
                            exclude_names=tuple(exclude), exclude_op_types=tuple(exclude_op))
-        config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples),
+        config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples,
+                                                                    str(act_ranges) if act_ranges else None),
                                cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, lam=cwac_lambda,
                                                params=str(cwac_params) if cwac_params else None),
                                simplify=not no_simplify, check=not no_check,
@@ -302,6 +305,32 @@ def _demo_accuracy(result) -> str:
     if result.cwac is not None and result.cwac.compensations:
         line += f" | plain PTQ (no CWAC) deployed {accuracy(result.plain_model, optimized=True):.4f}"
     return line
+
+
+@main.command("export")
+@click.argument("factory")
+@click.option("--shape", "shapes", multiple=True, required=True, help="Example input shape, e.g. 1,3,224,224 (one per input).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx path.")
+@click.option("--input-name", "input_names", multiple=True, help="Input name (repeatable) [input / input_i].")
+@click.option("--output-name", "output_names", multiple=True, help="Output name (repeatable) [output / output_i].")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--static-batch", is_flag=True, help="Keep the example batch size fixed (default: dynamic axis 0).")
+def export_cmd(factory, shapes, output, input_names, output_names, opset, static_batch) -> None:
+    """Export FACTORY (module:function or file.py:function returning a torch.nn.Module) to ONNX, parameter
+    names kept as initializer names, checked against PyTorch on seeded random inputs of --shape."""
+    import numpy as np
+
+    from .torch_export import export, load_factory
+
+    try:
+        module = load_factory(factory)
+        rng = np.random.default_rng(0)
+        examples = tuple(rng.standard_normal([int(v) for v in _floats(s)]).astype(np.float32) for s in shapes)
+        result = export(module, examples, output, input_names=list(input_names) or None,
+                        output_names=list(output_names) or None, opset=opset, dynamic_batch=not static_batch)
+        click.echo(result.summary())
+    except QwtError as e:
+        _fail(e)
 
 
 if __name__ == "__main__":

@@ -132,16 +132,28 @@ class QuantSim:
         return layers
 
     # -- execution ----------------------------------------------------------------------------------------
-    def _run(self, inputs, quantize: bool, compensate: bool = True, stop: str | None = None, observe=None):
-        """Run the traced graph; ``stop``: return the value of that node (pre-compensation for a layer)."""
+    def _run(self, inputs, quantize: bool, compensate: bool = True, observe=None):
+        """Run the traced graph to its output."""
+        walk = self._walk(inputs, quantize, compensate, set(), observe)
+        while True:
+            try:
+                next(walk)
+            except StopIteration as done:
+                return done.value
+
+    def _walk(self, inputs, quantize: bool, compensate: bool, yield_at: set[str], observe=None):
+        """A generator over the traced graph: yields ``(node, value)`` at the nodes in ``yield_at`` (a layer's
+        value before its compensation, which is applied when the walk resumes, so a fit made meanwhile counts)
+        and returns the module's output.  Values are dropped after their last reader."""
         torch = self.torch
         env, qenv = {}, {}
         args_iter = iter(inputs)
+        last = self._last_use
 
         def load(a):
             return torch.fx.node.map_arg(a, lambda x: env[x.name])
 
-        for n in self.graph.nodes:
+        for i, n in enumerate(self.graph.nodes):
             if n.op == "placeholder":
                 value = next(args_iter)
             elif n.op == "output":
@@ -151,8 +163,8 @@ class QuantSim:
             elif quantize and n.name in self.by_node:
                 lay = self.by_node[n.name]
                 value = self._layer(lay, qenv.get(lay.input, env[lay.input]))
-                if stop == n.name:
-                    return value
+                if n.name in yield_at:
+                    yield n.name, value
                 if compensate and lay.gain is not None:
                     shape = (1, -1) + (1,) * (value.ndim - 2) if lay.kind == "conv" else (-1,)
                     beta = self._snapped_bias(lay) if lay.int32_bias else lay.bias
@@ -167,8 +179,8 @@ class QuantSim:
                     value = n.target(*args, **kwargs)
                 else:
                     value = getattr(args[0], n.target)(*args[1:], **kwargs)
-            if stop == n.name:
-                return value
+                if n.name in yield_at:
+                    yield n.name, value
             if observe is not None and (n.name in self.inputs or n.name in self.outputs):
                 observe(n.name, value)
             if quantize and n.name in self.outputs:
@@ -176,7 +188,22 @@ class QuantSim:
             elif quantize and n.name in self.inputs:
                 qenv[n.name] = self._fake_quant(n.name, value)
             env[n.name] = value
+            for dead in last.get(i, ()):
+                env.pop(dead, None)
+                qenv.pop(dead, None)
         raise AssertionError("graph without output")
+
+    @property
+    def _last_use(self) -> dict[int, list[str]]:
+        """node index -> names of the values last read there."""
+        if not hasattr(self, "_last_use_cache"):
+            index = {n.name: i for i, n in enumerate(self.graph.nodes)}
+            last: dict[int, list[str]] = {}
+            for n in self.graph.nodes:
+                if n.op != "output" and n.users:
+                    last.setdefault(max(index[u.name] for u in n.users), []).append(n.name)
+            self._last_use_cache = last
+        return self._last_use_cache
 
     def _layer(self, lay: TorchLayer, x):
         torch = self.torch
@@ -192,6 +219,21 @@ class QuantSim:
         y = torch.func.functional_call(mod, {"weight": lay.w, **({"bias": torch.zeros(b.shape)} if mod.bias is not None else {})}, (x,))
         shape = (1, -1) + (1,) * (y.ndim - 2) if lay.kind == "conv" else (-1,)
         return y + torch.from_numpy(np.asarray(b, np.float32)).view(shape)
+
+    def _leave_unrepresentable(self, lay: TorchLayer) -> int:
+        """Channels whose folded int32 bias ``(g·b + β)/(s_x·|g|·s_w)`` would not fit int32 (near-dead channels:
+        a BatchNorm with γ ≈ 0 leaves s_w ≈ 1e-10) get g = 1, β = 0: the fold would clip them."""
+        if not lay.int32_bias:
+            return 0
+        b_q, scale = lay.b_grid
+        g = lay.gain.astype(np.float64)
+        s_w = np.where(g == 0, lay.s_w, lay.s_w * np.abs(lay.gain)).astype(np.float32)
+        new_scale = (np.float32(self.qparams[lay.input][0]) * s_w).astype(np.float32).astype(np.float64)
+        code = np.round((g * b_q * scale.astype(np.float64) + lay.bias) / new_scale)
+        bad = ~(np.abs(code) < 2**31 - 1)
+        lay.gain = np.where(bad, 1.0, lay.gain).astype(np.float32)
+        lay.bias = np.where(bad, 0.0, lay.bias).astype(np.float32)
+        return int(bad.sum())
 
     def _snapped_bias(self, lay: TorchLayer) -> np.ndarray:
         """β moved so that g·b + β lies on the folded layer's int32 bias grid, as ``fold_compensation.snap_bias``
@@ -244,18 +286,30 @@ class QuantSim:
         if not self.qparams:
             raise QwtError("QuantSim.fit before calibrate", fix="call calibrate(batches) first")
         batches = [_tuple(xs) for xs in batches]
+        for lay in self.layers:
+            lay.gain = lay.bias = None
+        # one quantized and one float walk per batch, advanced layer by layer: each layer's fit sees every
+        # earlier compensation (applied as the quantized walks resume) at the cost of a single pass
+        qwalks = [self._walk(xs, True, True, {lay.node for lay in self.layers}) for xs in batches]
+        fwalks = [self._walk(xs, False, False, {lay.result for lay in self.layers}) for xs in batches]
+        fseen: list[dict] = [{} for _ in batches]
         stats = {}
         with self.torch.no_grad():
             for lay in self.layers:
+                axis = 1 if lay.kind == "conv" else -1
                 sums = None
-                for xs in batches:
-                    q = self._run(xs, quantize=True, stop=lay.node).detach().cpu().numpy()
-                    f = self._run(xs, quantize=False, stop=lay.result).detach().cpu().numpy()
-                    axis = 1 if lay.kind == "conv" else -1
+                for qw, fw, seen in zip(qwalks, fwalks, fseen):
+                    name, q = next(qw)
+                    assert name == lay.node, (name, lay.node)
+                    while lay.result not in seen:
+                        k, v = next(fw)
+                        seen[k] = v
+                    f = seen.pop(lay.result)
                     sums = sums or ChannelSums(q.shape[axis], axis)
-                    sums.update(q, f)
+                    sums.update(q.detach().cpu().numpy(), f.detach().cpu().numpy())
                 before = sums.mse()
                 lay.gain, lay.bias, st = fit_affine(sums, lam, max_gain)
+                st["int32_overflow_left_alone"] = self._leave_unrepresentable(lay)
                 stats[lay.weight] = {**st, "mse_before": before, "mse_after": sums.mse(lay.gain, lay.bias)}
         return stats
 
