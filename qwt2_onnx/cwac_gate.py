@@ -17,24 +17,40 @@ _SHAPE_ONLY = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flat
 
 
 def gate_tensors(model: onnx.ModelProto) -> list[str]:
-    """What the output gate compares, one per graph output: the output, or, when it is a Softmax / Sigmoid (up
-    to reshapes), that op's input.  A saturated probability hides the error of every confidently classified
-    sample, so on a small held-out set the output error would rest on one or two samples; the logits carry
-    all of them.  Each model is asked separately (another tool may have renamed the logits, e.g. to the
-    output of a DequantizeLinear); the lists pair up by graph output."""
+    """What the output gate compares: each graph output, split into its parts where it is a Concat (YOLO
+    heads concatenate box coordinates in pixels with class scores in [0, 1]: judged as one tensor, the
+    boxes' error would drown the scores'), and each part taken before a Softmax / Sigmoid (up to reshapes).
+    A saturated probability hides the error of every confidently classified sample, so on a small held-out
+    set the output error would rest on one or two samples; the logits carry all of them.  Each model is
+    asked separately (another tool may have renamed the logits, e.g. to the output of a
+    DequantizeLinear); the lists pair up by position (see :func:`output_error`)."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    names = []
-    for out in model.graph.output:
-        t = out.name
+
+    def through_shape_ops(t: str) -> str:
         while t in producer and producer[t].op_type in _SHAPE_ONLY:
             t = producer[t].input[0]
-        names.append(producer[t].input[0] if t in producer and producer[t].op_type in _SATURATING else out.name)
+        return t
+
+    def logits(t: str) -> str:
+        t = through_shape_ops(t)
+        return producer[t].input[0] if t in producer and producer[t].op_type in _SATURATING else t
+
+    names = []
+    for out in model.graph.output:
+        t = through_shape_ops(out.name)
+        if t in producer and producer[t].op_type == "Concat":
+            names += [logits(i) for i in producer[t].input]
+        else:
+            names.append(logits(out.name))
     return names
 
 
 def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> float:
-    """Σ over :func:`gate_tensors` of MSE(model, float) / mean(float²), simulated, on ``data``."""
+    """Σ over :func:`gate_tensors` of MSE(model, float) / mean(float²), simulated, on ``data``: every output
+    part weighs the same whatever its units."""
     ref_names, cand_names = gate_tensors(float_model), gate_tensors(model)
+    if len(ref_names) != len(cand_names):  # the two graphs' heads differ in form: compare the outputs themselves
+        ref_names = cand_names = [o.name for o in float_model.graph.output]
     ref = make_session(with_outputs(float_model, ref_names), optimized=True)
     cand = make_session(with_outputs(model, cand_names), optimized=False)
     err = [0.0] * len(ref_names)

@@ -25,6 +25,15 @@ logger = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2**31 - 1
 
 
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The model's serialized size in bytes; protobuf's own ``ByteSize()`` raises above 2 GB, so the parts
+    are summed (each under the limit), plus a few bytes of framing per part."""
+    g = model.graph
+    parts = [*g.initializer, *g.node, *g.value_info, *g.input, *g.output, *model.functions,
+             *model.metadata_props, *model.opset_import]
+    return sum(p.ByteSize() + 8 for p in parts) + 1024
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model (with its external data) or raise a QwtError saying why not."""
     p = Path(path)
@@ -115,11 +124,11 @@ class AtomicOutputs:
               external_above: int | None = None) -> Path:
         staged, out = self._stage(path)
         limit = PROTOBUF_LIMIT if external_above is None else min(external_above, PROTOBUF_LIMIT)
-        external = external or model.ByteSize() > limit
+        external = external or serialized_size(model) > limit
         with self._errors(out):
             if external:
                 logger.info("writing %s with its weights as external data %s.data (%.2f GB)", out.name, out.name,
-                            model.ByteSize() / 1e9)
+                            serialized_size(model) / 1e9)
                 copy = onnx.ModelProto()
                 copy.CopyFrom(model)  # save_model(external) rewrites tensors in place
                 onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -185,16 +194,64 @@ def save_text_atomic(text: str, path: str | os.PathLike) -> Path:
 def runnable(model: onnx.ModelProto) -> Iterator[bytes | str]:
     """What onnxruntime can load ``model`` from: its bytes, or for a model over protobuf's 2 GB limit a file
     with external data in a temporary folder (removed on exit; the session keeps what it loaded)."""
-    if model.ByteSize() <= PROTOBUF_LIMIT:
+    if serialized_size(model) <= PROTOBUF_LIMIT:
         yield model.SerializeToString()
         return
     folder = tempfile.mkdtemp(prefix="qwt2-large-model-")
     try:
         path = os.path.join(folder, "model.onnx")
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
+        write_external(model, path)
         yield path
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its initializers (nodes, inputs, outputs, value_info, opsets, metadata)."""
+    graph = model.graph
+    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
+                            producer_name=model.producer_name, producer_version=model.producer_version,
+                            domain=model.domain, model_version=model.model_version, doc_string=model.doc_string,
+                            metadata_props=model.metadata_props, functions=model.functions)
+    g = light.graph
+    g.name, g.doc_string = graph.name, graph.doc_string
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    g.sparse_initializer.extend(graph.sparse_initializer)
+    return light
+
+
+def write_external(model: onnx.ModelProto, path: str, inline_below: int = 1024) -> None:
+    """Write ``model`` with every initializer of ``inline_below`` bytes or more in ``PATH.data``, one tensor at
+    a time: unlike ``onnx.save_model(save_as_external_data=True)`` this neither copies nor modifies the
+    in-memory model, so a model near the memory limit can still be written."""
+    data_name = os.path.basename(path) + ".data"
+    graph = model.graph
+    light = skeleton(model)
+    g = light.graph
+    offset = 0
+    with open(os.path.join(os.path.dirname(path), data_name), "wb") as f:
+        for t in graph.initializer:
+            if t.data_type == onnx.TensorProto.STRING:  # strings have no raw bytes to move
+                g.initializer.append(t)
+                continue
+            raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+            if len(raw) < inline_below:
+                g.initializer.append(t)
+                continue
+            pad = (-offset) % 4096  # aligned, as onnxruntime can then map it
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(raw)
+            stub = g.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = stub.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+    with open(path, "wb") as f:
+        f.write(light.SerializeToString(deterministic=True))

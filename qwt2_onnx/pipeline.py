@@ -114,10 +114,12 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
         data.validate()  # every sample: names, shapes, dtypes, NaN/Inf, before any heavy work
     with _stage("normalize", seconds):
         result = NormalizePass(qcfg.min_opset)(model)
+        del model  # each stage's input is dropped once used: big models are held in memory a few times only
         stages["normalize"] = result.stats
         result = SimplifyPass(config.simplify)(result.graph)
         stages["simplify"] = result.stats
         graph = gs.import_onnx(result.graph)
+        del result
         stages["fold_bn"] = FoldBatchNormPass()(graph).stats
         float_model = export_model(graph)
     with _stage("plan", seconds):

@@ -138,10 +138,24 @@ class NormalizePass:
 
     @staticmethod
     def _infer_shapes(model: onnx.ModelProto, stats: dict) -> onnx.ModelProto:
+        """Shapes inferred on the model's structure: initializers of 1 KiB or more (weights) enter as typed
+        graph inputs, so the weights are never copied (and models over 2 GB work); small ones (shape
+        constants) keep their values for data propagation.  The inferred value_info goes back into ``model``."""
+        from ..model_io import skeleton
+
+        structure = skeleton(model)
+        declared = {i.name for i in structure.graph.input}
+        for t in model.graph.initializer:
+            if t.ByteSize() < 1024:
+                structure.graph.initializer.append(t)
+            elif t.name not in declared:
+                structure.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(structure, strict_mode=False, data_prop=True)
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(inferred.graph.value_info)
             stats["shape_inference"] = "ok"
-            return inferred
+            return model
         except Exception as e:  # shape inference is a help, never a requirement
             logger.info("shape inference skipped: %s", str(e)[:200])
             stats["shape_inference"] = f"skipped: {type(e).__name__}"
