@@ -129,12 +129,9 @@ class AtomicOutputs:
             if external:
                 logger.info("writing %s with its weights as external data %s.data (%.2f GB)", out.name, out.name,
                             serialized_size(model) / 1e9)
-                copy = onnx.ModelProto()
-                copy.CopyFrom(model)  # save_model(external) rewrites tensors in place
-                onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                                location=out.name + ".data", size_threshold=1024)
+                write_external(model, str(staged))
                 data = staged.with_name(out.name + ".data")
-                if data.exists():  # tensors under 1 KiB stay inline: a tiny model may have nothing external
+                if data.exists():  # tensors under 1 KiB stay inline: a small model may have nothing external
                     self._staged.append((data, out.with_name(out.name + ".data")))
             else:
                 with open(staged, "wb") as f:
@@ -253,5 +250,7 @@ def write_external(model: onnx.ModelProto, path: str, inline_below: int = 1024) 
                 entry = stub.external_data.add()
                 entry.key, entry.value = key, value
             offset += len(raw)
+    if offset == 0:  # every tensor stayed inline
+        os.remove(os.path.join(os.path.dirname(path), data_name))
     with open(path, "wb") as f:
         f.write(light.SerializeToString(deterministic=True))
