@@ -19,8 +19,11 @@ dominates) and are kept.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -100,27 +103,51 @@ def build_graphs(qmodel, compensations: dict[str, Compensation], int32_bias: boo
     compute the same function up to float rounding.  A compensation that
     cannot be folded (shared weight, weight not a constant...) is left out of
     *both* graphs, with its reason in the stats: the unfused graph is always
-    what the fused one computes.
+    what the fused one computes.  Likewise a channel whose folded int32 bias
+    would overflow int32 is left uncompensated (g = 1, β = 0) in both: counted
+    per layer in ``stats["int32_bias_overflow"]`` and named in its strategy.
     """
     import onnx_graphsurgeon as gs
 
     from .graph_io import export_model
-    from .passes.fold_compensation import FoldCompensationPass, skip_reason, snap_bias
+    from .passes.fold_compensation import (
+        FoldCompensationPass,
+        int32_bias_overflow,
+        skip_reason,
+        snap_bias,
+    )
     from .passes.insert_compensation import InsertCompensationPass
 
     graph = gs.import_onnx(qmodel)
     nodes = {n.name: n for n in graph.nodes}
     reasons = {k: skip_reason(nodes.get(k)) for k in compensations}
-    foldable = {k: c for k, c in compensations.items() if reasons[k] is None}
+    foldable, overflow = {}, {}
+    for k, c in compensations.items():
+        if reasons[k] is None:
+            bad = int32_bias_overflow(nodes[k], c, int32_bias)
+            foldable[k] = _leave_alone(c, bad, "int32_bias_overflow_left_alone") if bad.any() else c
+            if bad.any():
+                overflow[k] = int(bad.sum())
+                logger.debug("%s: %d channel(s) left uncompensated, folded int32 bias would overflow", k, bad.sum())
     snapped = {k: dataclasses.replace(c, bias=snap_bias(nodes[k], c, int32_bias)) for k, c in foldable.items()}
     unfused = export_model(InsertCompensationPass(snapped)(gs.import_onnx(qmodel)).graph)
     result = FoldCompensationPass(snapped, int32_bias)(graph)
     stats = result.stats
+    stats["int32_bias_overflow"] = overflow
+    for k in overflow:
+        stats["strategies"][k] += "; channels left uncompensated (folded int32 bias would overflow)"
     for k, why in reasons.items():
         if why is not None:
             stats["strategies"][k] = f"skipped: {why}"
             stats["skipped"][why] = stats["skipped"].get(why, 0) + 1
     return unfused, export_model(result.graph), stats
+
+
+def _leave_alone(comp: Compensation, channels: np.ndarray, reason: str) -> Compensation:
+    """``comp`` with g = 1, β = 0 on ``channels`` (a bool mask), counted in its stats under ``reason``."""
+    return dataclasses.replace(comp, gain=np.where(channels, 1.0, comp.gain).astype(np.float32),
+                               bias=np.where(channels, 0.0, comp.bias).astype(np.float32),
+                               stats={**comp.stats, reason: int(channels.sum())})
 
 
 def constrain_full_range(qmodel, compensations: dict[str, Compensation]) -> tuple[dict[str, Compensation], int]:
@@ -148,9 +175,7 @@ def constrain_full_range(qmodel, compensations: dict[str, Compensation]) -> tupl
         bad = (comp.gain < 0) & unflippable if unflippable.size == comp.gain.size else np.zeros(comp.gain.size, bool)
         if bad.any():
             constrained += int(bad.sum())
-            comp = dataclasses.replace(comp, gain=np.where(bad, 1.0, comp.gain).astype(np.float32),
-                                       bias=np.where(bad, 0.0, comp.bias).astype(np.float32),
-                                       stats={**comp.stats, "full_range_negative_gain_left_alone": int(bad.sum())})
+            comp = _leave_alone(comp, bad, "full_range_negative_gain_left_alone")
         out[name] = comp
     return out, constrained
 

@@ -14,7 +14,7 @@ included, as leaves) and mirrors the default policy of ``policy.py`` / ``InsertQ
 * weights per output channel, symmetric narrow range (``quant.quantize_weight``, ``QuantConfig.weight_qmax``:
   [−63, 63] for the default ort target); activations from ``quant.activation_qparams`` on ranges
   observed with min/max on the float module; ``--target ort``: Conv and 2-D Linear biases on the int32
-  grid ``s_x·s_w`` (``quant.quantize_bias``);
+  grid ``s_x·s_w`` (``quant.quantize_bias``), s_w floored so that it fits (``quant.bias_scale_floor``);
 * fake quantization ``(clip(round(x / s) + z) − z)·s`` in float32, round half to even like
   QuantizeLinear.
 
@@ -36,7 +36,13 @@ from .config import QuantConfig
 from .cwac import ChannelSums, fit_affine
 from .errors import QwtError
 from .observers import ActivationRange, MinMaxObserver
-from .quant import activation_dtype, activation_qparams, quantize_bias, quantize_weight
+from .quant import (
+    activation_dtype,
+    activation_qparams,
+    bias_scale_floor,
+    quantize_bias,
+    quantize_weight,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,10 +214,10 @@ class QuantSim:
     def _layer(self, lay: TorchLayer, x):
         torch = self.torch
         mod = self.submodules[self.nodes[lay.node].target]
-        if lay.w is None:
-            self._quantize_layer(lay, mod)
-        b = lay.b_float
         lay.int32_bias = self.qcfg.target == "ort" and (lay.kind == "conv" or x.ndim == 2)
+        if lay.w is None:
+            self._quantize_layer(lay, mod, self.qparams[lay.input][0] if lay.int32_bias else None)
+        b = lay.b_float
         if lay.int32_bias:
             b_q, scale, _ = quantize_bias(b, self.qparams[lay.input][0], lay.s_w)
             b = b_q.astype(np.float32) * scale
@@ -246,13 +252,14 @@ class QuantSim:
         target = np.round((g * b + lay.bias) / new_scale) * new_scale
         return (target - g.astype(np.float64) * b).astype(np.float32)
 
-    def _quantize_layer(self, lay: TorchLayer, mod) -> None:
+    def _quantize_layer(self, lay: TorchLayer, mod, s_x: float | None) -> None:
+        """``s_x``: the input scale when the bias is int32, to floor s_w as compile does (``quant`` module doc)."""
         w = mod.weight.detach().cpu().numpy().astype(np.float32)
         b = mod.bias.detach().cpu().numpy().astype(np.float32) if mod.bias is not None else None
         if lay.result != lay.node:
             w, b = _fold_bn(w, b, self.submodules[self.nodes[lay.result].target])
         b = np.zeros(w.shape[0], np.float32) if b is None else b
-        w_q, s_w = quantize_weight(w, 0, self.qcfg.weight_qmax)
+        w_q, s_w = quantize_weight(w, 0, self.qcfg.weight_qmax, None if s_x is None else bias_scale_floor(b, s_x))
         lay.s_w, lay.b_float = s_w, b
         deq = w_q.astype(np.float32) * s_w.reshape((-1,) + (1,) * (w.ndim - 1))
         lay.w = self.torch.from_numpy(deq.astype(np.float32))

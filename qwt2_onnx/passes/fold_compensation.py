@@ -30,6 +30,13 @@ Exactness: the int32 bias is rounded to its grid, so the caller snaps β to
 that grid first (:func:`snap_bias`): the unfused graph then computes exactly
 what the fused one does, up to float rounding.
 
+Int32 range: the folded code ``round((g·b + β)/(s_x·|g|·s_w))`` can exceed
+int32 where ``s_x·s_w`` is tiny (a near-dead channel) and β or a small |g|
+inflates it.  Clipping it would make fused ≠ unfused, so the caller leaves such
+channels uncompensated (g = 1, β = 0: the plain layer's bias, which fits) and
+reports them (:func:`int32_bias_overflow`, ``cwac.build_graphs``); this pass
+refuses (ValueError) rather than clip if handed one anyway.
+
 Preconditions (else skip with a reason): the weight is a constant integer
 tensor read only by its DQ, which is read only by this layer; its DQ is
 per-channel on the output axis (a per-tensor DQ is converted first).  A
@@ -98,23 +105,52 @@ def folded_bias_scale(node: gs.Node, w_scale: np.ndarray) -> np.ndarray:
     return (s_x * w_scale).astype(np.float32)
 
 
-def snap_bias(node: gs.Node, comp: Compensation, int32_bias: bool = True) -> np.ndarray:
-    """β adjusted so that g·b + β lies exactly on the int32 bias grid of the folded layer."""
+def _int32_bias(node: gs.Node, comp: Compensation, int32_bias: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """(current bias b, folded int32 bias scale s_x·s_w'), float64 per channel, when the folded layer's
+    bias is int32; None when it is float."""
     slot = bias_slot(node)
     if slot is None:
-        if int32_bias and node.op != "MatMul" and _producer(node.inputs[0], "DequantizeLinear") is not None:
-            scale = folded_bias_scale(node, folded_weight_scale(node, comp.gain)).astype(np.float64)
-            return (np.round(comp.bias / scale) * scale).astype(np.float32)  # a new int32 bias will hold β
+        if not (int32_bias and node.op != "MatMul" and _producer(node.inputs[0], "DequantizeLinear") is not None):
+            return None
+        b = np.zeros(comp.gain.size)  # a new int32 bias will hold β alone
+    else:
+        bnode, idx = slot
+        dq = _producer(bnode.inputs[idx], "DequantizeLinear")
+        if dq is None:
+            return None
+        b = (_values(dq.inputs[0]).astype(np.float64) * _values(dq.inputs[1]).astype(np.float64)).reshape(-1)
+    return b, folded_bias_scale(node, folded_weight_scale(node, comp.gain)).astype(np.float64)
+
+
+def snap_bias(node: gs.Node, comp: Compensation, int32_bias: bool = True) -> np.ndarray:
+    """β adjusted so that g·b + β lies exactly on the int32 bias grid of the folded layer."""
+    grid = _int32_bias(node, comp, int32_bias)
+    if grid is None:
         return comp.bias
-    bnode, idx = slot
-    dq = _producer(bnode.inputs[idx], "DequantizeLinear")
-    if dq is None:
-        return comp.bias
-    b_int, b_scale = _values(dq.inputs[0]).astype(np.float64), _values(dq.inputs[1]).astype(np.float64)
-    b = b_int * b_scale
-    new_scale = folded_bias_scale(node, folded_weight_scale(node, comp.gain)).astype(np.float64)
-    target = np.round((comp.gain * b + comp.bias) / new_scale) * new_scale
-    return (target - comp.gain.astype(np.float64) * b).astype(np.float32)
+    b, scale = grid
+    g = comp.gain.astype(np.float64)
+    target = np.round((g * b + comp.bias) / scale) * scale
+    return (target - g * b).astype(np.float32)
+
+
+def int32_bias_overflow(node: gs.Node, comp: Compensation, int32_bias: bool = True) -> np.ndarray:
+    """Per channel: True where the folded int32 bias code would not fit int32 (the layer must pass
+    :func:`skip_reason`).  A float bias, or g = 1 and β = 0 on a bias that fits, never overflows."""
+    grid = _int32_bias(node, comp, int32_bias)
+    if grid is None:
+        return np.zeros(comp.gain.size, bool)
+    b, scale = grid
+    with np.errstate(over="ignore", invalid="ignore"):
+        code = np.round((comp.gain.astype(np.float64) * b + comp.bias) / scale)
+    return ~(np.abs(code) <= np.iinfo(np.int32).max)
+
+
+def _to_int32(q: np.ndarray, layer: str) -> np.ndarray:
+    lim = np.iinfo(np.int32)
+    if not np.all((q >= lim.min) & (q <= lim.max)):
+        raise ValueError(f"{layer}: folded int32 bias out of range (leave those channels alone first: "
+                         "int32_bias_overflow)")
+    return q.astype(np.int32)
 
 
 def _per_tensor_weight_dq(node: gs.Node) -> gs.Node | None:
@@ -235,7 +271,7 @@ class FoldCompensationPass:
             if node.op in ("Conv", "ConvTranspose", "Gemm"):
                 if int32_bias and _producer(node.inputs[0], "DequantizeLinear") is not None:
                     scale = folded_bias_scale(node, w_scale)
-                    b_int = np.round(beta / scale.astype(np.float64)).astype(np.int32)
+                    b_int = _to_int32(np.round(beta / scale.astype(np.float64)), node.name)
                     out = gs.Variable(f"{node.name}_cwac_bias_dequantized", dtype=np.float32, shape=[b_int.size])
                     graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}_cwac_bias_DequantizeLinear",
                                                attrs={"axis": 0}, outputs=[out], inputs=[
@@ -262,9 +298,8 @@ class FoldCompensationPass:
         b_int, b_scale = dq.inputs[0], dq.inputs[1]
         b = _values(b_int).astype(np.float64) * _values(b_scale).astype(np.float64)
         new_scale = folded_bias_scale(node, w_scale)
-        q = np.round((g * b + beta) / new_scale.astype(np.float64))
-        lim = np.iinfo(np.int32)
-        b_int.values = np.clip(q, lim.min, lim.max).astype(np.int32)
+        q = np.round((g * b.reshape(-1) + beta) / new_scale.astype(np.float64))
+        b_int.values = _to_int32(q, node.name).reshape(_values(b_int).shape)
         b_scale.values = new_scale
         return "gain->weight scale, beta->int32 bias"
 

@@ -9,6 +9,9 @@ For every planned layer (activation ``x``, weight ``W``, bias ``b``)::
 * weights become integer constants with a per-channel DequantizeLinear on the
   output-channel axis (``axis`` from the plan), zero point 0;
 * ``--target ort``: the bias becomes int32 with scale exactly ``s_x*s_w[c]``;
+  ``s_w[c]`` is floored at ``|b[c]|/(s_x·2^30)`` so that the int32 code cannot
+  overflow (a near-dead channel, ``quant`` module doc); counted in the stats as
+  ``weight_scale_raised_for_int32_bias``;
   ``--target trt``: the bias stays float (TensorRT rejects an int32-bias DQ);
 * a Conv/ConvTranspose/Gemm without a bias gets a zero bias, and a MatMul
   without a following bias Add gets a zero-bias ``Add`` (its output keeps the
@@ -38,6 +41,7 @@ from ..policy import QuantPlan
 from ..quant import (
     ActivationQParams,
     activation_qparams,
+    bias_scale_floor,
     quantize_bias,
     quantize_weight,
     weight_dtype,
@@ -68,9 +72,14 @@ class InsertQDQPass:
         for lp in self.plan.layers:
             node = nodes[lp.node]
             s_x = qparams[lp.activation].scale
-            s_w = self._quantize_weight(graph, node, lp.axis)
             bias_node, bias_input = (nodes[lp.bias_node], lp.bias_input) if lp.bias else (node, 2)
             int32_bias = lp.op != "MatMul" or lp.bias is not None
+            floor = None
+            if lp.bias is not None and self.cfg.target == "ort":  # an int32 bias (a zero one added below needs none)
+                floor = self._bias_floor(bias_node.inputs[bias_input], s_x, node.inputs[1].shape[lp.axis])
+            s_w = self._quantize_weight(graph, node, lp.axis, floor)
+            if floor is not None:
+                stats["weight_scale_raised_for_int32_bias"] += int(np.count_nonzero(s_w == floor))
             if lp.bias is None:
                 # a zero bias gives CWAC a slot to fold into without changing the op histogram
                 zero = gs.Constant(f"{node.name}_bias", np.zeros(s_w.shape, np.float32))
@@ -110,9 +119,22 @@ class InsertQDQPass:
         graph.nodes.append(add)
         return add
 
-    def _quantize_weight(self, graph: gs.Graph, node: gs.Node, axis: int) -> np.ndarray:
+    @staticmethod
+    def _bias_floor(b: gs.Tensor, s_x: np.float32, channels: int) -> np.ndarray | None:
+        """Per-channel weight scale floor that keeps the int32 bias code within ``INT32_BIAS_BOUND``.
+
+        The bias is only int32 on the ort target (its scale must be exactly s_x·s_w[c]); TensorRT keeps a
+        float bias, which cannot overflow, so the trt target needs no floor.  onnxruntime's quantizer does
+        the same (per channel, raising the weight scale; see ``quant`` module doc)."""
+        values = np.asarray(b.values) if isinstance(b, gs.Constant) else None
+        if values is None or values.size != channels:
+            return None
+        floor = bias_scale_floor(values, s_x)
+        return floor if np.any(floor > 0) else None
+
+    def _quantize_weight(self, graph: gs.Graph, node: gs.Node, axis: int, floor: np.ndarray | None) -> np.ndarray:
         w = node.inputs[1]
-        w_q, s_w = quantize_weight(np.asarray(w.values), axis, self.cfg.weight_qmax)
+        w_q, s_w = quantize_weight(np.asarray(w.values), axis, self.cfg.weight_qmax, floor)
         dtype = weight_dtype(self.cfg)
         w_int = gs.Constant(f"{w.name}_quantized", w_q.astype(dtype))
         scale = gs.Constant(f"{w.name}_scale", s_w)
