@@ -111,6 +111,20 @@ def layer_stages(graph: gs.Graph, layers: list[str]) -> dict[str, int]:
     return stages
 
 
+def float_point(qnode: gs.Node, fnodes: dict[str, gs.Node]) -> str:
+    """The float model's tensor at the quantized layer's compensation point, found through node names
+    (tensor names may differ in a model quantized by another tool): the output of the float node that
+    produces the point — the layer itself or its bias Add — or, when that node was inserted by us (the
+    zero-bias Add of a MatMul whose following Add is not its bias, e.g. a 3-D MatMul), the layer's output.
+    Matching the layer's own compensation point in the float graph instead would take such a following
+    Add for the bias and fit against a target shifted by it.  ``fnodes``: the float graph's nodes by name."""
+    point = compensation_point(qnode)
+    producer = point.inputs[0].name if point.inputs else qnode.name
+    if producer in fnodes:
+        return fnodes[producer].outputs[0].name
+    return fnodes[qnode.name].outputs[0].name if qnode.name in fnodes else point.name
+
+
 def _axis(op: str) -> int:
     return 1 if op in ("Conv", "ConvTranspose") else -1
 
@@ -159,10 +173,7 @@ class _StagedFit:
         self.points = {name: compensation_point(nodes[name]).name for name in self.layers}
         fgraph = gs.import_onnx(float_model)
         fnodes = {n.name: n for n in fgraph.nodes}
-        # the target tensor in the float model: found through the layer's node name (tensor names may differ
-        # in a model quantized by another tool)
-        self.fpoints = {name: compensation_point(fnodes[name]).name if name in fnodes else self.points[name]
-                        for name in self.layers}
+        self.fpoints = {name: float_point(nodes[name], fnodes) for name in self.layers}
         self.axes = {lp.node: _axis(lp.op) for lp in plan.layers}
         InsertCompensationPass(_identity(plan, qgraph))(qgraph)
         self.twins = {}

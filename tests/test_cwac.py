@@ -179,3 +179,49 @@ def test_tensor_cache_spills_to_disk_beyond_its_budget():
         assert not list(cache.root.iterdir()) and cache._memory_bytes == 0
         root = cache.root
     assert not root.exists()
+
+
+def _seq_mlp() -> onnx.ModelProto:
+    """x[N,T,6] ─► MatMul(W1) ─► Add(b1) ─► Relu ─► MatMul(W2) ─► y: a 3-D MatMul whose following Add the
+    policy does not take for its bias (onnxruntime only fuses it on 2-D inputs), as in transformer blocks."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2")]
+    inits = [numpy_helper.from_array(rng.normal(size=(6, 8)).astype(np.float32), "W1"),
+             numpy_helper.from_array((rng.normal(size=8) + 3).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "W2")]
+    g = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_fit_target_is_the_float_tensor_at_the_same_point(tmp_path):
+    """The float target of a 3-D MatMul is its output, not the following Add's (the plain graph gave it a
+    zero bias of its own): the segment-cached fit used to take the Add's output and fit against a target
+    shifted by b1, which made it disagree with the prefix reference on PP-OCRv4 rec."""
+    import onnx_graphsurgeon as gs
+
+    from qwt2_onnx.cwac_fit import float_point
+
+    onnx.save(_seq_mlp(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.normal(size=(1, 5, 6)).astype(np.float32)} for _ in range(24)]
+    cfg = CompileConfig(quant=QuantConfig(wbits=4), cwac=CwacConfig(enabled=False), holdout_samples=0,
+                        simplify=False)  # onnxsim would rewrite this MatMul + Add into Reshape-Gemm-Reshape
+    res = compile_model(tmp_path / "m.onnx", calib, tmp_path / "q.onnx", cfg, measure=False)
+    qnodes = {n.name: n for n in gs.import_onnx(res.plain_model).nodes}
+    fnodes = {n.name: n for n in gs.import_onnx(res.float_model).nodes}
+    assert float_point(qnodes["mm1"], fnodes) == "h"
+    data = CalibrationSet(lambda: iter(calib), InputSpec.from_model(res.float_model), "test", len(calib))
+    comps, _ = staged_fit(res.float_model, res.plain_model, res.plan, data, "global", CwacConfig(target="global"))
+    ref = prefix_staged_fit(res.float_model, res.plain_model, res.plan, data, CwacConfig(target="global"))
+    assert set(comps) == set(ref) and "mm1" in ref
+    for name, comp in ref.items():
+        np.testing.assert_allclose(comps[name].gain, comp.gain, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(comps[name].bias, comp.bias, rtol=1e-5, atol=1e-5)
