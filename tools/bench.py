@@ -40,6 +40,10 @@ from zoo_tasks import TASKS  # noqa: E402
 
 MODELS = ["ppocr_cls", "orientation", "ppocr_rec", "yolov8n", "ppocr_det"]   # small to large
 BITS = {"w8a8": 8, "w4a8": 4}
+# --quick: evaluation sets as small as tests/test_zoo_e2e.py uses.
+QUICK_EVAL = {"ppocr_rec": {"n_en": 30, "n_zh": 0, "n_zh_rare": 0}, "ppocr_cls": {"n_eval": 60},
+              "orientation": {"n_per_angle": 8}, "ppocr_det": {"n_pages": 4, "n_photos": 2}, "yolov8n": {"n_eval": 24}}
+PHASES = ["core", "latency", "targets", "scaling", "prefix"]
 # Output parts measured separately (name -> (output, axis, start, stop)); others: each whole output.
 PARTS = {"yolov8n": {"boxes": ("output0", 1, 0, 4), "scores": ("output0", 1, 4, None)}}
 
@@ -68,7 +72,7 @@ class Bench:
         self.args, self.json_path = args, args.out_dir / "bench_results.json"
         self.res = json.loads(self.json_path.read_text()) if self.json_path.exists() else {}
         self.res.setdefault("models", {})
-        self.work = args.work
+        self.work, self._tasks = args.work, {}
         self.work.mkdir(parents=True, exist_ok=True)
 
     def save(self) -> None:
@@ -81,10 +85,18 @@ class Bench:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     # -- data ------------------------------------------------------------------------------------------
+    def task(self, model: str):
+        """The zoo task; with --quick a smaller evaluation set (the pipeline is checked, not the metric)."""
+        if not self.args.quick:
+            return TASKS[model]
+        if model not in self._tasks:
+            self._tasks[model] = type(TASKS[model])(**QUICK_EVAL[model])
+        return self._tasks[model]
+
     def calib(self, model: str, n: int) -> Path:
         path = self.work / f"{model}.calib{n}.npz"
         if not path.exists():
-            np.savez(path, **TASKS[model].calib_feeds(fetch_model(model), n))
+            np.savez(path, **self.task(model).calib_feeds(fetch_model(model), n))
         return path
 
     def entry(self, model: str) -> dict:
@@ -126,7 +138,7 @@ class Bench:
     def evaluate(self, model: str, path: Path, fsess) -> dict:
         from zoo_eval import session
         ms = PartSession(session(str(path), True), fsess, PARTS.get(model, {}))
-        metrics = TASKS[model].evaluate(ms, fsess)
+        metrics = self.task(model).evaluate(ms, fsess)
         return {"metrics": metrics, "fidelity": ms.summary()}
 
     def variant(self, model: str, vid: str, fsess) -> None:
@@ -140,6 +152,7 @@ class Bench:
         if "error" not in row:
             row.update(self.evaluate(model, out, fsess))
             row["op_histogram"] = op_histogram(out)
+            row["weight_types"] = weight_types(out)
         e["variants"][vid] = row
         self.save()
         self.log(f"{model} {vid}: " + (row.get("error", "")[-300:] or
@@ -151,7 +164,7 @@ class Bench:
         e = self.entry(model)
         fsess = _CachedSession(session(str(fetch_model(model)), True))
         if "float" not in e:
-            e["float"] = {"metrics": TASKS[model].evaluate(fsess, fsess)}
+            e["float"] = {"metrics": self.task(model).evaluate(fsess, fsess)}
             self.save()
             self.log(f"{model} float: {e['float']['metrics']}")
         return fsess
@@ -167,7 +180,7 @@ class Bench:
 
     def latency(self, model: str) -> None:
         e = self.entry(model)
-        if "latency" in e and not self.args.redo:
+        if "latency" in e and not (self.args.redo or self.args.redo_latency):
             return
         groups = {}
         for bits in BITS:
@@ -212,20 +225,32 @@ class Bench:
                     "max_gain_diff": max((float(np.max(np.abs(ga[k] - gb[k]))) for k in common), default=0.0)}
         self.save()
 
+    def annotate(self) -> None:
+        """Fill fields added after a cell was computed (from the kept model files)."""
+        for model, e in self.res["models"].items():
+            for vid, r in e.get("variants", {}).items():
+                if "error" not in r and "weight_types" not in r and self.model_path(model, vid).exists():
+                    r["weight_types"] = weight_types(self.model_path(model, vid))
+        self.save()
+
     def run(self) -> None:
         models = self.args.models
         self.res["meta"] = machine_info(self.args)
         self.save()
+        ph = self.args.phases
         for model in models:
-            self.run_variants(model, phase_variants("core", False))
-            self.latency(model)
-        for model in models:
+            if "core" in ph:
+                self.run_variants(model, phase_variants("core", False))
+            if "latency" in ph:
+                self.latency(model)
+        for model in models if "targets" in ph else []:
             self.run_variants(model, phase_variants("targets", False))
-        if self.args.scaling_n:
+        if self.args.scaling_n and "scaling" in ph:
             self.scaling()
-        for model in [m for m in models if m not in self.args.no_prefix_for]:
+        for model in [m for m in models if m not in self.args.no_prefix_for and "prefix" in ph]:
             self.run_variants(model, phase_variants("prefix", True))
             self.prefix_gains(model)
+        self.annotate()
         self.res["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         self.save()
 
@@ -266,6 +291,14 @@ def n_params(m) -> int:
     return int(sum(np.prod(t.dims) for t in list(m.graph.initializer) + consts))
 
 
+def weight_types(path: Path) -> dict:
+    """Element types of the initializers that feed a DequantizeLinear (did INT4 weights really come out?)."""
+    import onnx
+    m = onnx.load(str(path))
+    dq_in = {n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    return dict(Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in m.graph.initializer if t.name in dq_in))
+
+
 def op_histogram(path: Path) -> dict:
     import onnx
     return dict(Counter(n.op_type for n in onnx.load(str(path)).graph.node))
@@ -297,7 +330,7 @@ def machine_info(args) -> dict:
 
 def parse(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="CI smoke: ppocr_cls, 16 samples, short latency")
+    ap.add_argument("--quick", action="store_true", help="CI smoke: ppocr_cls, 8 samples, small eval set, 2 s of latency")
     ap.add_argument("--models", nargs="+", choices=MODELS)
     ap.add_argument("--n-calib", type=int)
     ap.add_argument("--out-dir", type=Path, default=TOOLS.parent / "docs")
@@ -307,15 +340,17 @@ def parse(argv: list[str] | None):
     ap.add_argument("--scaling-n", type=int, nargs="*")
     ap.add_argument("--no-prefix-for", nargs="*", default=[], help="skip the prefix reference fit on these")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per compile")
+    ap.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES, help="run only these phases")
     ap.add_argument("--redo", action="store_true", help="recompute cells already in the JSON")
+    ap.add_argument("--redo-latency", action="store_true", help="measure latency again")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     q = args.quick
     args.models = args.models or (["ppocr_cls"] if q else MODELS)
-    args.n_calib = args.n_calib or (16 if q else 64)
+    args.n_calib = args.n_calib or (8 if q else 64)
     args.latency_s = args.latency_s if args.latency_s is not None else (2.0 if q else 60.0)
-    args.scaling_n = args.scaling_n if args.scaling_n is not None else ([8, 16] if q else [32, 128, 512, 1024])
+    args.scaling_n = args.scaling_n if args.scaling_n is not None else ([4, 8] if q else [32, 128, 512, 1024])
     args.work = args.work or (args.out_dir / "bench_work" if q else Path.home() / ".cache/qwt2-onnx/bench")
     return args
 

@@ -4,7 +4,8 @@ Sessions: the float model, and per bit width onnxruntime's PTQ (defaults, best c
 (``--no-cwac``), ours fused (CWAC folded), ours unfused (explicit Mul/Add) and ours plain a second time
 (a separate session of the same file: the A/A comparison that shows the noise floor).  All with onnxruntime's
 default graph optimizations (integer kernels), ``intra_op_num_threads=1``.  After warm-up, each iteration
-runs every session once on the same input, in an order rotated per iteration; absolute times on a shared
+runs every session once on the same input, in a freshly shuffled order (a fixed order would give each
+session the same predecessor every time, whose cache footprint then biases it); absolute times on a shared
 machine drift, so the numbers to read are *paired ratios*: per iteration, t(A)/t(B), and their median with a
 bootstrap 95% interval of the median.
 """
@@ -64,17 +65,16 @@ def measure_latency(float_path: str, groups: dict[str, dict], feed: dict, budget
         for k in keys:
             sessions[k].run(None, feed)
     times: dict[str, list[float]] = {k: [] for k in keys}
-    t_end, it = time.perf_counter() + budget_s, 0
+    t_end, it, order = time.perf_counter() + budget_s, 0, np.random.default_rng(1)
     while it < min_iter or (time.perf_counter() < t_end and it < max_iter):
-        shift = it % len(keys)
-        for k in keys[shift:] + keys[:shift]:
+        for k in order.permutation(keys):
             t0 = time.perf_counter()
             sessions[k].run(None, feed)
             times[k].append(time.perf_counter() - t0)
         it += 1
     t = {k: np.array(v) for k, v in times.items()}
     rng = np.random.default_rng(0)
-    res = {"iterations": it, "warmup": warmup, "threads": 1, "median_ms": {k: float(np.median(v) * 1e3)
+    res = {"iterations": it, "warmup": warmup, "threads": 1, "order": "shuffled per iteration", "median_ms": {k: float(np.median(v) * 1e3)
                                                                           for k, v in t.items()}, "bits": {}}
     for bits, g in groups.items():
         tb = {"float": t["float"], **{k.split(":", 1)[1]: v for k, v in t.items() if k.startswith(bits + ":")}}

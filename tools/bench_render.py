@@ -100,11 +100,11 @@ def model_table(model: str, e: dict) -> list[str]:
              f"{e['info']['file']}: {e['info']['size_mb']:.1f} MB, {e['info']['params']:,} parameters, "
              f"{e['info']['nodes']} nodes.  SQNR (dB) / cosine vs float per output part on the evaluation set.", "",
              "| variant | " + " | ".join(mkeys) + " | " + " | ".join(f"{p} SQNR / cos" for p in parts)
-             + " | compile (s) | peak RSS (MB) | size (MB) | CWAC: target, layers, fit (s) |",
-             "|---|" + "---:|" * (len(mkeys) + len(parts) + 3) + "---|"]
+             + " | compile (s) | peak RSS (MB) | size (MB) | CWAC: target, layers, fit (s) | DQ'd initializers |",
+             "|---|" + "---:|" * (len(mkeys) + len(parts) + 3) + "---|---|"]
     fm = e.get("float", {}).get("metrics", {})
     lines.append("| float | " + " | ".join(f(fm.get(k)) for k in mkeys) + " |" + " – |" * len(parts)
-                 + f" – | – | {e['info']['size_mb']:.2f} | – |")
+                 + f" – | – | {e['info']['size_mb']:.2f} | – | – |")
     for bits in BITS:
         for k, label in VARIANT_LABEL.items():
             r = v.get(f"{k}-{bits}")
@@ -119,8 +119,16 @@ def model_table(model: str, e: dict) -> list[str]:
             lines.append(f"| {label} {bits.upper()} | " + " | ".join(f(r["metrics"].get(x)) for x in mkeys) + " | "
                          + " | ".join(f"{f(fid[p]['sqnr_db'], '.1f')} / {f(fid[p]['cosine'], '.4f')}"
                                       if p in fid else "–" for p in parts)
-                         + f" | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.2f} | {cw} |")
+                         + f" | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['size_mb']:.2f} | {cw} | "
+                         + (", ".join(f"{k}×{n}" for k, n in sorted(r.get("weight_types", {}).items())) or "–")
+                         + " |")
     return lines + [""]
+
+
+def within_noise(r: dict) -> bool:
+    fp, aa = r["fused/plain"], r["plain_aa/plain"]
+    half = lambda x: (x["ci95"][1] - x["ci95"][0]) / 2  # noqa: E731
+    return abs(fp["median"] - 1) <= abs(aa["median"] - 1) + half(fp) + half(aa)
 
 
 def latency_table(res: dict) -> list[str]:
@@ -130,21 +138,25 @@ def latency_table(res: dict) -> list[str]:
              "Mul/Add (`--emit-unfused`), *plain* = ours `--no-cwac`, *A/A* = plain against a second session of "
              "the same file (the noise floor).  Float median in ms for scale only (shared machine).  "
              "*ops equal*: op histogram of fused == plain, saved / as onnxruntime deploys it.", "",
-             "| model | bits | iterations | float (ms) | fused/plain | A/A | fused/unfused | fused/float | "
-             "plain/float | unfused/float | ORT defaults/float | ORT best/float | fused/ORT best | ops equal |",
-             "|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "*fused ≈ plain*: |fused/plain − 1| ≤ |A/A − 1| + the half-widths of both intervals.  "
+             "*fused < unfused*: the interval of fused/unfused lies below 1.", "",
+             "| model | bits | iterations | float (ms) | fused/plain | A/A | fused ≈ plain | fused/unfused | "
+             "fused < unfused | fused/float | plain/float | unfused/float | ORT defaults/float | ORT best/float | "
+             "fused/ORT best | ops equal |",
+             "|---|---|---:|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for model, e in res["models"].items():
         lat = e.get("latency")
         if not lat:
             continue
-        for bits, b in lat["bits"].items():
+        for bits, b in ((k, lat["bits"][k]) for k in BITS if k in lat["bits"]):
             r = b["ratios"]
             ci = lambda k: f"{r[k]['median']:.3f} [{r[k]['ci95'][0]:.3f}, {r[k]['ci95'][1]:.3f}]"  # noqa: E731
             h = b["histograms"]
             eq = (f"{h['fused']['saved'] == h['plain']['saved']} / "
                   f"{h['fused']['deployed'] == h['plain']['deployed']}")
             lines.append(f"| {model} | {bits.upper()} | {lat['iterations']} | {lat['median_ms']['float']:.2f} | "
-                         f"{ci('fused/plain')} | {ci('plain_aa/plain')} | {ci('fused/unfused')} | "
+                         f"{ci('fused/plain')} | {ci('plain_aa/plain')} | {within_noise(r)} | {ci('fused/unfused')} | "
+                         f"{r['fused/unfused']['ci95'][1] < 1} | "
                          + " | ".join(f"{r[k]['median']:.3f}" for k in ("fused/float", "plain/float",
                                       "unfused/float", "ort_defaults/float", "ort_best/float", "fused/ort_best"))
                          + f" | {eq} |")
