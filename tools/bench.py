@@ -315,8 +315,9 @@ def machine_info(args) -> dict:
         pass
     cpu = next((s.split(":", 1)[1].strip() for s in Path("/proc/cpuinfo").read_text().splitlines()
                 if s.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=TOOLS.parent).stdout.strip()
+    # QWT2_BENCH_COMMIT: the commit of a `git archive` snapshot the run was started from (no .git there)
+    commit = os.environ.get("QWT2_BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=TOOLS.parent).stdout.strip()
     prev = {}
     return {**prev, "cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(),
             "isa": sorted(f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f or f == "fma"),
@@ -325,7 +326,7 @@ def machine_info(args) -> dict:
             "models": args.models, "latency_s": args.latency_s, "scaling_model": args.scaling_model,
             "scaling_n": args.scaling_n, "command": "tools/bench " + " ".join(args.argv),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "loadavg_start": os.getloadavg()}
+            "loadavg_start": os.getloadavg(), "note": os.environ.get("QWT2_BENCH_NOTE", "")}
 
 
 def parse(argv: list[str] | None):

@@ -38,8 +38,9 @@ def header(res: dict) -> list[str]:
     vnni = [x for x in isa if "vnni" in x]
     return [
         "# Benchmarks: float vs onnxruntime `quantize_static` vs qwt2-onnx", "",
-        f"Regenerate: `{m.get('command', 'tools/bench')}` (resumes from `docs/bench_results.json`; "
-        "`tools/bench --render-only` re-renders this file from it).  Smoke version: `tools/bench --quick`.", "",
+        "Regenerate: `tools/bench` (resumes from `docs/bench_results.json`; `tools/bench --render-only` "
+        "re-renders this file and the plots from it).  Smoke version: `tools/bench --quick`.  "
+        f"This run: `{m.get('command')}`" + (f"; {m['note']}" if m.get("note") else "") + ".", "",
         f"* Machine: {m.get('cpu')} ({m.get('machine')}), {m.get('cores')} cores shared with other jobs "
         f"(load average at start {', '.join(f(x, '.2f') for x in m.get('loadavg_start', []))}).",
         f"* Instruction set (from /proc/cpuinfo): {', '.join(isa) or '?'}.  "
@@ -50,6 +51,8 @@ def header(res: dict) -> list[str]:
         f"* Software: Python {m.get('python')}, onnxruntime {m.get('onnxruntime')}, onnx {m.get('onnx')}, "
         f"numpy {m.get('numpy')}; qwt2-onnx at commit {m.get('commit')}.",
         f"* Run: started {m.get('started')}, finished {m.get('finished', '**not finished** (partial run)')}.",
+        *(["**Quick smoke run (`--quick`): few samples, one model, a small evaluation set, seconds of latency; "
+            "it checks that the pipeline runs, its numbers are not the benchmark.**"] if m.get("quick") else []),
         f"* Data: every variant calibrates on the same {m.get('n_calib')} samples of the task's calibration set "
         "(tools/zoo_tasks.py; CWAC fits on 75% of them and gates on the other 25%); every metric is measured on "
         "the task's separate evaluation set, *deployed*: onnxruntime CPU, all graph optimizations.",
