@@ -102,7 +102,26 @@ def cwac_table(results: dict) -> list[str]:
     return lines + [""]
 
 
-def render(results: dict, ort: dict) -> str:
+def large_eval_table(large: dict) -> list[str]:
+    """tools/zoo_large_eval.py: W8A8 variants on larger evaluation sets, deployed."""
+    if not large:
+        return []
+    lines = ["## W8A8 on larger evaluation sets (deployed)", "",
+             "Where the default evaluation set is too small to rank the W8A8 variants (one or two samples apart), "
+             "`python tools/zoo_large_eval.py MODEL --size n_eval=N` re-runs them on a larger set from the same "
+             "generator, same 64 calibration samples.", ""]
+    for model, entry in large.items():
+        rows = entry["rows"]
+        keys = [k for k in rows["float"] if k != "float_n_dets"]
+        sizes = ", ".join(f"{k}={v}" for k, v in entry["sizes"].items())
+        lines += [f"**{model}** ({sizes}; onnxruntime best: `{entry['best_config']}`)", "",
+                  "| variant | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        lines += [f"| {name} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |" for name, r in rows.items()]
+        lines.append("")
+    return lines
+
+
+def render(results: dict, ort: dict, large: dict | None = None) -> str:
     lines = ["# Zoo results: float vs onnxruntime quantize_static vs qwt2-onnx (plain PTQ and CWAC)", "",
              "Regenerate: `python tools/zoo_eval.py && python tools/zoo_upgrade.py && python tools/zoo_report.py` "
              f"(onnxruntime {onnxruntime.__version__}, {platform.machine()}, 2 cores, AVX2 without VNNI).",
@@ -111,6 +130,7 @@ def render(results: dict, ort: dict) -> str:
              "*deployed*: onnxruntime CPU with all graph optimizations (integer kernels); *simulated*: optimizations "
              "off (every Q/DQ in float).  onnxruntime's sweep rows are deployed only, as users run them.", ""]
     lines += cwac_table(results)
+    lines += large_eval_table(large or {})
     for model, entry in results.items():
         lines += model_table(model, entry, ort)
     return "\n".join(lines)
@@ -120,10 +140,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path("docs/zoo_results.json"))
     ap.add_argument("--ort", type=Path, default=Path("tools/ort_best_configs.json"))
+    ap.add_argument("--large", type=Path, default=Path("docs/zoo_large_eval.json"))
     ap.add_argument("--out", type=Path, default=Path("docs/ZOO.md"))
     args = ap.parse_args()
     ort = json.loads(args.ort.read_text()) if args.ort.exists() else {}
-    args.out.write_text(render(json.loads(args.json.read_text()), ort))
+    large = json.loads(args.large.read_text()) if args.large.exists() else {}
+    args.out.write_text(render(json.loads(args.json.read_text()), ort, large))
     print(args.out.read_text())
 
 
