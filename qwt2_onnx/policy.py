@@ -207,7 +207,7 @@ def left_float_ops(graph: gs.Graph) -> dict[str, str]:
     for node in graph.nodes:
         if node.op in FLOAT_KINDS:
             out[node.name] = f"{node.op}: {FLOAT_KINDS[node.op]}"
-        elif node.domain not in ("", "ai.onnx"):
+        elif node.domain not in (None, "", "ai.onnx"):  # onnx-graphsurgeon leaves the default domain None
             out[node.name] = f"{node.domain}::{node.op}: custom-domain op"
     return out
 
