@@ -97,7 +97,8 @@ def summary_table(res: dict) -> list[str]:
 
 def model_table(model: str, e: dict) -> list[str]:
     v = e.get("variants", {})
-    mkeys = list(e.get("float", {}).get("metrics", {}))
+    fkeys = list(e.get("float", {}).get("metrics", {}))
+    mkeys = [k for k in HEADLINE[model] if k in fkeys] + [k for k in fkeys if k not in HEADLINE[model]]
     parts = sorted({p for r in v.values() for p in r.get("fidelity", {})})
     lines = [f"### {model}", "",
              f"{e['info']['file']}: {e['info']['size_mb']:.1f} MB, {e['info']['params']:,} parameters, "
@@ -247,7 +248,7 @@ def scaling_section(res: dict, out_dir: Path) -> list[str]:
             lines.append(f"| {model} | {e['info']['params'] / 1e6:.2f} | {e['info']['nodes']} | "
                          + " | ".join(cells) + " |")
         svg = line_plot({k: sorted((p, c) for p, c, _ in v) for k, v in pts.items()}, "parameters (millions)",
-                        "compile (s)", "compile time vs model size (W8A8)", logx=False,
+                        "compile (s)", "compile time vs model size (W8A8)", logx=False, lines=False,
                         labels=[(p, c, m) for p, c, m in next(iter(pts.values()))])
         (out_dir / "bench_compile_vs_size.svg").write_text(svg)
         lines += ["", "![compile time vs model size](bench_compile_vs_size.svg)", ""]
