@@ -229,13 +229,23 @@ class Bench:
         """Fill fields added after a cell was computed (from the kept model files)."""
         for model, e in self.res["models"].items():
             for vid, r in e.get("variants", {}).items():
-                if "error" not in r and "weight_types" not in r and self.model_path(model, vid).exists():
-                    r["weight_types"] = weight_types(self.model_path(model, vid))
+                path = self.model_path(model, vid)
+                if "error" in r or not path.exists():
+                    continue
+                if "weight_types" not in r:
+                    r["weight_types"] = weight_types(path)
+                if "deployed_ops" not in r and vid.endswith("w8a8") and vid.split("-")[1] in ("defaults", "best",
+                                                                                           "plain", "auto"):
+                    r["deployed_ops"] = deployed_ops(path)
         self.save()
 
     def run(self) -> None:
         models = self.args.models
-        self.res["meta"] = machine_info(self.args)
+        meta, prev = machine_info(self.args), self.res.get("meta", {})
+        if prev and not self.args.redo:     # a resumed run: keep when it started, list every invocation
+            meta["started"] = prev.get("started", meta["started"])
+            meta["invocations"] = prev.get("invocations", [prev.get("command")]) + [meta["command"]]
+        self.res["meta"] = meta
         self.save()
         ph = self.args.phases
         for model in models:
@@ -297,6 +307,13 @@ def weight_types(path: Path) -> dict:
     m = onnx.load(str(path))
     dq_in = {n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
     return dict(Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in m.graph.initializer if t.name in dq_in))
+
+
+def deployed_ops(path: Path) -> dict:
+    """Op histogram of the graph onnxruntime actually runs (all optimizations: QDQ fused to integer kernels)."""
+    import onnx
+    from qwt2_onnx.inspect_ort import optimized_graph
+    return dict(Counter(n.op_type for n in optimized_graph(onnx.load(str(path))).graph.node))
 
 
 def op_histogram(path: Path) -> dict:

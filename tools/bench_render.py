@@ -50,7 +50,8 @@ def header(res: dict) -> list[str]:
            "No VNNI: u8·s8 is the integer path that pays off; s8·s8 QDQ falls back to slower kernels."),
         f"* Software: Python {m.get('python')}, onnxruntime {m.get('onnxruntime')}, onnx {m.get('onnx')}, "
         f"numpy {m.get('numpy')}; qwt2-onnx at commit {m.get('commit')}.",
-        f"* Run: started {m.get('started')}, finished {m.get('finished', '**not finished** (partial run)')}.",
+        f"* Run: started {m.get('started')}, last invocation ended {m.get('finished', '**not finished**')}"
+        + (f"; invocations: {', '.join(f'`{c}`' for c in m['invocations'])}" if m.get("invocations") else "") + ".",
         *(["**Quick smoke run (`--quick`): few samples, one model, a small evaluation set, seconds of latency; "
             "it checks that the pipeline runs, its numbers are not the benchmark.**"] if m.get("quick") else []),
         f"* Data: every variant calibrates on the same {m.get('n_calib')} samples of the task's calibration set "
@@ -175,7 +176,18 @@ def latency_table(res: dict) -> list[str]:
                          + " | ".join(f"{r[k]['median']:.3f}" for k in ("fused/float", "plain/float",
                                       "unfused/float", "ort_defaults/float", "ort_best/float", "fused/ort_best"))
                          + f" | {eq} |")
-    lines += ["", "Deployed op histograms (what onnxruntime runs) of fused vs unfused, W8A8:", ""]
+    lines += ["", "What onnxruntime runs (graph after all optimizations), W8A8: integer kernels vs float Conv fed by "
+              "DequantizeLinear:", "", "| model | variant | integer kernels | float Conv | DequantizeLinear | "
+              "QuantizeLinear |", "|---|---|---|---:|---:|---:|"]
+    for model, e in res["models"].items():
+        for k in ("ort-defaults", "ort-best", "ours-plain", "ours-auto"):
+            d = e.get("variants", {}).get(f"{k}-w8a8", {}).get("deployed_ops")
+            if d:
+                ints = ", ".join(f"{op}×{n}" for op, n in sorted(d.items()) if op.startswith(("QLinear", "QGemm",
+                                                                                              "MatMulInteger")))
+                lines.append(f"| {model} | {VARIANT_LABEL[k]} | {ints or 'none'} | {d.get('Conv', 0)} | "
+                             f"{d.get('DequantizeLinear', 0)} | {d.get('QuantizeLinear', 0)} |")
+    lines += ["", "Deployed op histograms of fused vs unfused, W8A8:", ""]
     for model, e in res["models"].items():
         h = e.get("latency", {}).get("bits", {}).get("w8a8", {}).get("histograms")
         if h:
