@@ -274,7 +274,7 @@ def render(res: dict, out_dir: Path) -> str:
     old = md_path.read_text() if md_path.exists() else ""
     reading = (old[old.index(BEGIN):old.index(END) + len(END)] if BEGIN in old and END in old else
                f"{BEGIN}\n(No reading written yet: the computed findings below are all there is.)\n{END}")
-    models = res.get("meta", {}).get("models") or list(res["models"])
+    models = list(dict.fromkeys(list(res["models"]) + (res.get("meta", {}).get("models") or [])))
     miss = missing_cells(res, models)
     lines = header(res)
     lines += ["## Missing cells", ""] + ([f"* {m}" for m in miss] or ["None: every cell of the full run is here."])
