@@ -102,6 +102,16 @@ def cwac_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _isa() -> str:
+    """The CPU's integer-dot-product flags (what decides onnxruntime's u8·s8 kernel), from /proc/cpuinfo."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    have = [f for f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags]
+    return ", ".join(have) + ("" if any("vnni" in f for f in have) else " (no VNNI)")
+
+
 def large_eval_table(large: dict) -> list[str]:
     """tools/zoo_large_eval.py: W8A8 variants on larger evaluation sets, deployed."""
     if not large:
@@ -124,7 +134,7 @@ def large_eval_table(large: dict) -> list[str]:
 def render(results: dict, ort: dict, large: dict | None = None) -> str:
     lines = ["# Zoo results: float vs onnxruntime quantize_static vs qwt2-onnx (plain PTQ and CWAC)", "",
              "Regenerate: `python tools/zoo_eval.py && python tools/zoo_upgrade.py && python tools/zoo_report.py` "
-             f"(onnxruntime {onnxruntime.__version__}, {platform.machine()}, 2 cores, AVX2 without VNNI).",
+             f"(onnxruntime {onnxruntime.__version__}, {platform.machine()}, 2 cores, CPU flags: {_isa()}).",
              "Every variant calibrates on the same 64 samples of the task's calibration set (tools/zoo_tasks.py); "
              "CWAC fits on them too (48 fit + 16 held out for its gates).",
              "*deployed*: onnxruntime CPU with all graph optimizations (integer kernels); *simulated*: optimizations "
