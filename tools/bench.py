@@ -341,9 +341,18 @@ def machine_info(args) -> dict:
             "python": platform.python_version(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
             "numpy": np.__version__, "commit": commit, "quick": args.quick, "n_calib": args.n_calib,
             "models": args.models, "latency_s": args.latency_s, "scaling_model": args.scaling_model,
-            "scaling_n": args.scaling_n, "command": "tools/bench " + " ".join(args.argv),
+            "scaling_n": args.scaling_n, "command": "tools/bench " + " ".join(map(_portable, args.argv)),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "loadavg_start": os.getloadavg(), "note": os.environ.get("QWT2_BENCH_NOTE", "")}
+
+
+def _portable(arg: str) -> str:
+    """A command-line argument as the document records it: paths inside the repository relative to it,
+    paths in the home directory under ~ (no path of the machine the run happened on)."""
+    for root, shown in ((TOOLS.parent, ""), (Path.home(), "~/")):
+        if arg.startswith(str(root) + os.sep):
+            return shown + arg[len(str(root)) + 1:]
+    return arg
 
 
 def parse(argv: list[str] | None):
