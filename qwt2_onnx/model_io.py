@@ -1,9 +1,10 @@
 """Reading and writing models: clear errors in, atomic files out.
 
-The input file is only ever read.  The output is written to a temporary file in
-the destination directory and renamed into place, so a crash, a full disk or
-Ctrl-C never leaves a half-written model.  Models whose serialized size would
-exceed protobuf's 2 GB limit are written with external data beside them.
+The input file is only ever read.  Outputs are staged in a hidden folder in the
+destination directory and renamed into place together (:class:`AtomicOutputs`),
+so a crash, a full disk or Ctrl-C never leaves a half-written model.  Models read
+with external data, or whose serialized size would exceed protobuf's 2 GB
+limit, are written with external data beside them.
 """
 from __future__ import annotations
 
@@ -36,13 +37,21 @@ def serialized_size(model: onnx.ModelProto) -> int:
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model (with its external data) or raise a QwtError saying why not."""
+    return read_model(path)[0]
+
+
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """:func:`load_model`, and whether the file keeps any tensor in external data."""
     p = Path(path)
     if not p.exists():
         raise QwtError(f"model file not found: {p}", fix="pass the path of an existing .onnx file")
     if not p.is_file():
         raise QwtError(f"model path is not a file: {p}", fix="pass the path of an .onnx file, not a directory")
     try:
-        model = onnx.load(str(p), load_external_data=True)
+        model = onnx.load(str(p), load_external_data=False)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        if external:
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except Exception as e:  # protobuf raises DecodeError, RuntimeError or others
         raise QwtError(
             f"cannot read {p} as an ONNX model",
@@ -59,7 +68,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                        notes=[f"{type(e).__name__}: {str(e).strip()[:300]}"],
                        fix="re-export the model; check it with onnx.checker.check_model") from None
     _check_initializers(model, p)
-    return model
+    return model, external
 
 
 def _check_initializers(model: onnx.ModelProto, path: Path) -> None:
@@ -82,12 +91,6 @@ def _check_initializers(model: onnx.ModelProto, path: Path) -> None:
         if problem:
             raise QwtError(f"{path} is not a valid ONNX model: initializer '{t.name}' has {problem}",
                            fix="re-export the model; the file may be corrupted or truncated")
-
-
-def has_external_data(path: str | os.PathLike) -> bool:
-    """Whether the model file keeps any tensor in external data (read without loading the data)."""
-    m = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:

@@ -37,7 +37,7 @@ from .errors import CheckFailed, QwtError, StageError
 from .fidelity import FidelityReport, measure_fidelity
 from .graph_io import export_model
 from .inspect_ort import FusionReport, fusion_report
-from .model_io import AtomicOutputs, check_output_dir, has_external_data, load_model
+from .model_io import AtomicOutputs, check_output_dir, read_model
 from .passes.fold_batchnorm import FoldBatchNormPass
 from .passes.fold_constant_quantizers import FoldConstantQuantizersPass
 from .passes.insert_qdq import InsertQDQPass
@@ -106,8 +106,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
                        fix="pass a different -o path; the input model is never overwritten")
     check_output_dir(output_path)
     with _stage("load", seconds):
-        model = load_model(model_path)
-        external = has_external_data(model_path)  # big models keep their weights beside the graph, out as in
+        model, external = read_model(model_path)  # big models keep their weights beside the graph, out as in
         _refuse_quantized(model, model_path)
         specs = InputSpec.from_model(model)
         data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
@@ -164,8 +163,7 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
                        fix="drop --act-ranges, or compile the float model instead")
     check_output_dir(output_path)
     with _stage("load", seconds):
-        qmodel, fmodel = load_model(qdq_path), load_model(float_path)
-        external = has_external_data(qdq_path)
+        (qmodel, external), fmodel = read_model(qdq_path), read_model(float_path)[0]
         if "DequantizeLinear" not in {n.op_type for n in qmodel.graph.node}:
             raise QwtError(f"{qdq_path.name} is not a QDQ model (no DequantizeLinear)",
                            fix="upgrade mode takes a QDQ-quantized model; compile a float model without --float-model")

@@ -71,7 +71,6 @@ class QuantPlan:
     unmatched_patterns: list[str]
     left_float: dict[str, str] = dataclasses.field(default_factory=dict)  # other compute ops no Q/DQ goes around
 
-
     @property
     def activation_tensors(self) -> list[str]:
         names = {lp.activation for lp in self.layers} | {lp.output for lp in self.layers if lp.output}
