@@ -36,7 +36,7 @@ def prefix_staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
         members = [n for n in layers if stages[n] == s]
         outs = [points[n] for n in members]  # no member is compensated yet: its point keeps its name
         qs = make_session(with_outputs(_unfused(qmodel, comps) if comps else qmodel, outs), optimized=False)
-        fs = make_session(with_outputs(float_model, outs), optimized=True)
+        fs = make_session(with_outputs(float_model, outs), optimized=False)  # as staged_fit: same float32 sums
         sums: dict[tuple[str, str], ChannelSums] = {}
         for part, part_data in (("fit", parts.fit), ("hold", parts.hold)):
             for feed, _ in batches(part_data, parts.batch_size):
