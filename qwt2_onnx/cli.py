@@ -66,6 +66,9 @@ def main(verbose: int) -> None:
 @click.option("--cwac-target", type=click.Choice(["auto", "global", "local"]), default="auto", show_default=True,
               help="CWAC fit target; auto fits both and keeps the one with the lower held-out output error.")
 @click.option("--cwac-lambda", type=float, default=0.0, show_default=True, help="Shrink CWAC gains toward 1.")
+@click.option("--cwac-cache-mib", type=int, default=None, metavar="MIB",
+              help="In-memory budget of each of the CWAC fit's two caches of stage-boundary tensors; beyond it "
+                   "they go to a temporary folder [CwacConfig.cache_mib].")
 @click.option("--emit-unfused", type=click.Path(path_type=Path), default=None,
               help="Also write the unfused graph (explicit CWAC Mul/Add ops) here.")
 @click.option("--no-check", is_flag=True, help="Skip the equivalence check and its report (JSON + HTML beside OUT).")
@@ -82,7 +85,7 @@ def main(verbose: int) -> None:
 def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abits, full_range_weights,
                 calib_method, percentile, batch_size, max_samples, exclude, exclude_op, float_model, cwac_params, act_ranges,
                 no_cwac, cwac_target,
-                cwac_lambda, emit_unfused, no_check, no_simplify, external_data_above,
+                cwac_lambda, cwac_cache_mib, emit_unfused, no_check, no_simplify, external_data_above,
                 image_size, layout, mean, std, scale, channel_order) -> None:
     """Compile MODEL (float ONNX) into a QDQ model.  Without MODEL: the embedded digits CNN."""
     from . import default_model
@@ -101,11 +104,13 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
         config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples,
                                                                     str(act_ranges) if act_ranges else None),
                                cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, lam=cwac_lambda,
-                                               params=str(cwac_params) if cwac_params else None),
+                                               params=str(cwac_params) if cwac_params else None,
+                                               **({} if cwac_cache_mib is None else {"cache_mib": cwac_cache_mib})),
                                simplify=not no_simplify, check=not no_check,
                                external_data_above=external_data_above)
-        if no_cwac and (cwac_target != "auto" or cwac_lambda != 0.0 or emit_unfused):
-            click.echo("warning: --cwac-target / --cwac-lambda / --emit-unfused have no effect with --no-cwac", err=True)
+        if no_cwac and (cwac_target != "auto" or cwac_lambda != 0.0 or emit_unfused or cwac_cache_mib is not None):
+            click.echo("warning: --cwac-target / --cwac-lambda / --cwac-cache-mib / --emit-unfused have no effect "
+                       "with --no-cwac", err=True)
         if calib_method != "percentile" and percentile != 99.99:
             click.echo("warning: --percentile has no effect unless --calib-method percentile", err=True)
         pre = None

@@ -85,6 +85,8 @@ class CwacConfig:
     ``max_gain`` bounds |g| (channels beyond it are left alone);
     ``holdout_fraction`` of the calibration samples judge every fit.
     ``params``: fold these instead of fitting (``--cwac-params``).
+    ``cache_mib``: in-memory budget of each of the fit's two stage-boundary caches
+    (``segments.TensorCache``); tensors beyond it go to a temporary folder.
     """
 
     enabled: bool = True
@@ -93,12 +95,16 @@ class CwacConfig:
     max_gain: float = 4.0
     holdout_fraction: float = 0.25
     params: str | None = None  # .npz of compensation fitted elsewhere ('<weight>:gain', '<weight>:bias')
+    cache_mib: int = 256
 
     def __post_init__(self) -> None:
         from .errors import QwtError
 
         if self.target not in ("auto", "global", "local"):
             raise QwtError(f"unknown CWAC target '{self.target}'", fix="use --cwac-target auto, global or local")
+        if self.cache_mib < 0:
+            raise QwtError(f"CWAC cache budget {self.cache_mib} MiB is negative",
+                           fix="pass 0 (every cached tensor on disk) or a positive number of MiB")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise QwtError(f"CWAC held-out fraction {self.holdout_fraction} is not in (0, 1)",
                            fix="pass a fraction such as 0.25")

@@ -196,7 +196,8 @@ class _StagedFit:
         f_plan = SegmentPlan(self.fmodel, [[self.fpoints[n] for n in m] for m in members]) \
             if self.target == "global" else None
         comps, fits = {}, []
-        with TensorCache() as qcache, TensorCache() as fcache:
+        budget = self.cfg.cache_mib * 2**20
+        with TensorCache(budget) as qcache, TensorCache(budget) as fcache:
             n_batches = self._seed_caches(qcache, fcache)
             for k, names in enumerate(members):
                 sums = self._stage_sums(k, names, q_plan, f_plan, qcache, fcache, n_batches)

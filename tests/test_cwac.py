@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ from qwt2_onnx.cwac import ChannelSums, fit_affine
 from qwt2_onnx.cwac_fit import staged_fit
 from qwt2_onnx.cwac_reference import prefix_staged_fit
 from qwt2_onnx.equivalence import check_fold
+from qwt2_onnx.errors import QwtError
 
 
 def _sums(q, f, axis=-1):
@@ -79,6 +81,34 @@ def test_segment_cached_fit_equals_whole_prefix_reruns(tmp_path, wbits):
     for name, comp in ref.items():
         np.testing.assert_array_equal(comps[name].gain, comp.gain)  # same float32 arithmetic: bit-identical
         np.testing.assert_array_equal(comps[name].bias, comp.bias)
+
+
+def test_fit_is_the_same_with_every_cached_tensor_on_disk(tmp_path, monkeypatch):
+    """cache_mib=0 sends every stage-boundary tensor to the temporary folder: same gains, folder removed."""
+    import tempfile
+
+    from qwt2_onnx import segments
+
+    saved = []
+    real_save = np.save
+    monkeypatch.setattr(segments.np, "save", lambda path, value, **kw: (saved.append(path), real_save(path, value, **kw)))
+    res, calib = _compiled(tmp_path, wbits=4)
+    data = CalibrationSet(lambda: iter(calib), InputSpec.from_model(res.float_model), "test", len(calib))
+    before = set(Path(tempfile.gettempdir()).glob("qwt2_segments_*"))
+    memory, _ = staged_fit(res.float_model, res.plain_model, res.plan, data, "global", CwacConfig(target="global"))
+    disk, _ = staged_fit(res.float_model, res.plain_model, res.plan, data, "global",
+                         CwacConfig(target="global", cache_mib=0))
+    assert saved  # the disk tier was used
+    assert set(memory) == set(disk) and memory
+    for name, comp in memory.items():
+        np.testing.assert_array_equal(disk[name].gain, comp.gain)
+        np.testing.assert_array_equal(disk[name].bias, comp.bias)
+    assert set(Path(tempfile.gettempdir()).glob("qwt2_segments_*")) == before
+
+
+def test_negative_cache_budget_is_refused():
+    with pytest.raises(QwtError, match="negative"):
+        CwacConfig(cache_mib=-1)
 
 
 def test_cwac_never_worse_and_fold_is_exact(tmp_path):

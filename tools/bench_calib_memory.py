@@ -1,15 +1,18 @@
-"""Peak memory of calibration and CWAC fit vs calibration set size (streaming check).
+"""Peak memory of calibration and CWAC fit vs calibration set size and the fit's cache budget.
 
-    python tools/bench_calib_memory.py [--model ppocr_rec] [--samples 64 1024] [--out docs/CALIB_MEMORY.md]
+    python tools/bench_calib_memory.py [--model ppocr_cls] [--samples 32 1024] [--cache-mib 256 64 0]
+                                       [--out docs/CALIB_MEMORY.md]
 
-For each sample count N, the zoo task's real calibration inputs (rendered
-text lines for ppocr_rec) are written to an .npz, and a *fresh* Python process
-runs ``compile_model(..., measure=False)`` on it (CWAC on, its default);
-that process reports its peak RSS (``resource.getrusage``, whole process)
-and the calibrate and CWAC-fit stage times.  The ratio of peak RSS between
-the largest and smallest N is the number that matters: calibration and the
-CWAC fit stream one batch at a time (the fit's stage boundaries are cached on
-disk), so it should stay near 1.
+For each sample count N and CWAC cache budget B (``CwacConfig.cache_mib``:
+the in-memory part of each of the fit's two caches of stage-boundary tensors;
+beyond it they go to a temporary folder), the zoo task's real calibration
+inputs are written to an .npz, and a *fresh* Python process runs
+``compile_model(..., measure=False)`` on it (CWAC on, its defaults otherwise);
+that process reports its peak RSS (``VmHWM`` from /proc/self/status: the
+process's own high-water mark; ``ru_maxrss`` of a child can carry its
+parent's peak across fork/exec) and the calibrate and CWAC-fit stage times.
+Calibration streams one batch at a time, so its memory should not grow with N;
+the CWAC fit's grows with N up to the cache budget and not beyond.
 """
 from __future__ import annotations
 
@@ -26,32 +29,40 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 from qwt2_onnx import compile_model, CompileConfig, CalibConfig
-res = compile_model(sys.argv[1], sys.argv[2], sys.argv[3], CompileConfig(calib=CalibConfig(batch_size=8)), measure=False)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+from qwt2_onnx.config import CwacConfig
+cfg = CompileConfig(calib=CalibConfig(batch_size=8), cwac=CwacConfig(cache_mib=int(sys.argv[4])))
+res = compile_model(sys.argv[1], sys.argv[2], sys.argv[3], cfg, measure=False)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mb": hwm / 1024,
                   "calibrate_s": res.seconds["calibrate"], "cwac_fit_s": res.seconds.get("cwac_fit", 0.0),
                   "total_s": sum(res.seconds.values())}))
 """
 
 
-def measure(model: Path, task, n: int, workdir: Path) -> dict:
+def measure(model: Path, task, n: int, budgets: list[int], workdir: Path) -> list[dict]:
     data = workdir / f"calib_{n}.npz"
     feeds = task.calib_feeds(model, n)
     np.savez(data, **feeds)
     del feeds
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model), str(data), str(workdir / "out.onnx")],
-                         check=True, capture_output=True, text=True)
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    row.update(samples=n, npz_mb=round(data.stat().st_size / 2**20, 1))
+    rows = []
+    for mib in budgets:
+        out = subprocess.run([sys.executable, "-c", CHILD, str(model), str(data), str(workdir / "out.onnx"), str(mib)],
+                             check=True, capture_output=True, text=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row.update(samples=n, cache_mib=mib, npz_mb=round(data.stat().st_size / 2**20, 1))
+        print(row, flush=True)
+        rows.append(row)
     data.unlink()
-    return row
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="ppocr_rec")
-    ap.add_argument("--samples", type=int, nargs="+", default=[64, 1024])
+    ap.add_argument("--model", default="ppocr_cls")
+    ap.add_argument("--samples", type=int, nargs="+", default=[32, 1024])
+    ap.add_argument("--cache-mib", type=int, nargs="+", default=[256, 64, 0])
     ap.add_argument("--out", type=Path, default=Path("docs/CALIB_MEMORY.md"))
     args = ap.parse_args()
     from zoo import fetch_model
@@ -59,25 +70,30 @@ def main() -> None:
 
     model = fetch_model(args.model)
     with tempfile.TemporaryDirectory() as d:
-        rows = [measure(model, TASKS[args.model], n, Path(d)) for n in args.samples]
-    lo, hi = rows[0], rows[-1]
-    ratio = hi["peak_rss_mb"] / lo["peak_rss_mb"]
+        rows = [r for n in args.samples for r in measure(model, TASKS[args.model], n, args.cache_mib, Path(d))]
     lines = [
-        "# Calibration and CWAC-fit memory vs calibration set size",
+        "# Calibration and CWAC-fit memory vs calibration set size and cache budget",
         "",
         f"Generated by `python tools/bench_calib_memory.py --model {args.model} --samples "
-        f"{' '.join(map(str, args.samples))}` on {platform.machine()} / Python {platform.python_version()}.",
+        f"{' '.join(map(str, args.samples))} --cache-mib {' '.join(map(str, args.cache_mib))}` on "
+        f"{platform.machine()} / Python {platform.python_version()}, one run per row (shared machine: times are "
+        "noisy, read the ratios).",
         "Each row is a fresh process running `compile_model(..., measure=False)` (batch size 8, CWAC on, the",
-        "default check on 16 held-out samples) on an .npz of real calibration inputs; peak RSS is the whole",
-        "process (`getrusage` ru_maxrss).",
+        "default check on 16 held-out samples) on an .npz of real calibration inputs; peak RSS is the process's",
+        "VmHWM.  *cache*: `CwacConfig.cache_mib` (`--cwac-cache-mib`), the in-memory budget of each of the fit's",
+        "two stage-boundary caches.",
         "",
-        "| samples | .npz size (MB) | peak RSS (MB) | calibrate stage (s) | CWAC fit (s) | whole compile (s) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| samples | .npz size (MB) | cache (MiB) | peak RSS (MB) | calibrate stage (s) | CWAC fit (s) | whole compile (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['samples']} | {r['npz_mb']} | {r['peak_rss_mb']:.0f} | {r['calibrate_s']:.1f} | "
+    lines += [f"| {r['samples']} | {r['npz_mb']} | {r['cache_mib']} | {r['peak_rss_mb']:.0f} | {r['calibrate_s']:.1f} | "
               f"{r['cwac_fit_s']:.1f} | {r['total_s']:.1f} |" for r in rows]
-    lines += ["", f"Peak RSS ratio {hi['samples']} vs {lo['samples']} samples: **{ratio:.3f}x** "
-              f"(the .npz grew {hi['npz_mb'] / max(lo['npz_mb'], 0.1):.0f}x; samples are streamed from it one at a time)."]
+    lo, hi = min(args.samples), max(args.samples)
+    by = {(r["samples"], r["cache_mib"]): r for r in rows}
+    lines += ["", f"Peak RSS ratio {hi} vs {lo} samples, per cache budget: " + ", ".join(
+        f"{mib} MiB **{by[hi, mib]['peak_rss_mb'] / by[lo, mib]['peak_rss_mb']:.2f}x** "
+        f"(fit {by[hi, mib]['cwac_fit_s'] / by[hi, args.cache_mib[0]]['cwac_fit_s']:.2f}x the "
+        f"{args.cache_mib[0]} MiB fit time at {hi})" for mib in args.cache_mib) + "."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
