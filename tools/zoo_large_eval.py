@@ -11,7 +11,8 @@ YOLOv8n: 60 images, ~59 float detections), too close to rank.  This tool
 re-runs the W8A8 comparison on a larger set from the same generator, with the
 same 64 calibration samples as tools/zoo_eval.py and tools/zoo_ort_baseline.py:
 float, onnxruntime ``quantize_static`` (its defaults and its best
-configuration), ours ``--no-cwac`` and ours with CWAC (default options).
+configuration), ours ``--no-cwac``, ours with CWAC (default options) and
+onnxruntime's best model upgraded with CWAC (as tools/zoo_upgrade.py).
 Every model runs deployed (onnxruntime, all optimizations).  Results merge into
 the JSON under the model's name.
 """
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qwt2_onnx import CompileConfig, compile_model  # noqa: E402
 from qwt2_onnx.config import CwacConfig  # noqa: E402
+from qwt2_onnx.pipeline import upgrade_model  # noqa: E402
 from zoo import fetch_model  # noqa: E402
 from zoo_eval import session  # noqa: E402
 from zoo_ort_baseline import _CachedSession, config_options, ort_quantize  # noqa: E402
@@ -57,6 +59,10 @@ def main() -> int:
         for name, cwac in (("ours plain", CwacConfig(enabled=False)), ("ours CWAC", CwacConfig())):
             paths[name] = out = f"{d}/{name.replace(' ', '_')}.onnx"
             compile_model(model, calib, out, CompileConfig(cwac=cwac), measure=False)
+        best = paths["onnxruntime best"]  # upgrade mode, as tools/zoo_upgrade.py runs it
+        float_ref = best + ".pre.onnx" if config_options(args.name, "best").get("pre_process") else model
+        paths["onnxruntime best upgraded with CWAC"] = out = f"{d}/ort_best_upgraded.onnx"
+        upgrade_model(best, float_ref, calib, out, CompileConfig(holdout_samples=0))
         for name, path in paths.items():
             rows[name] = task.evaluate(session(path, True), float_session)
             print(f"{args.name} {name}: {rows[name]}", flush=True)
