@@ -1,7 +1,8 @@
 """Calibration: stream samples through the float model, observe activation ranges.
 
 Returns one :class:`ActivationRange` per requested tensor.  Only one batch of
-intermediate tensors is alive at a time.
+intermediate tensors is alive at a time, and batches are sized so that it stays within
+``runtime.BATCH_OUTPUT_LIMIT``.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from .equivalence import (
     layer_outputs,
 )
 from .errors import QwtError
-from .runtime import batches, make_session, with_outputs
+from .runtime import batch_size_within, batches, make_session, with_outputs
 
 SCHEMA = "qwt2-onnx/check-report/1"
 
@@ -156,7 +156,8 @@ def deployed_comparison(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: 
     hist: dict[int, int] = {}
     ties = 0
     want_dep, want_sim = outputs + list(codes), outputs + list(codes) + list(srcs)
-    for feed, _ in batches(data, batch_size):
+    size = batch_size_within(data, batch_size, lambda f: [*dep.run(want_dep, f), *sim.run(want_sim, f)])
+    for feed, _ in batches(data, size):
         d = dict(zip(want_dep, dep.run(want_dep, feed)))
         s = dict(zip(want_sim, sim.run(want_sim, feed)))
         for o in outputs:
@@ -198,7 +199,8 @@ def layer_comparison(title: str, ref: onnx.ModelProto, cand: onnx.ModelProto, da
     acc = {o: DiffAccumulator(o) for o in outputs} | {p.name: DiffAccumulator(p.name) for p in parts}
     lacc = {k: DiffAccumulator(k) for k in layers}
     rn, cn = outputs + list(fl), outputs + list(cl)
-    for feed, _ in batches(data, batch_size):
+    size = batch_size_within(data, batch_size, lambda f: [*rs.run(rn, f), *cs.run(cn, f)])
+    for feed, _ in batches(data, size):
         r = dict(zip(rn, rs.run(rn, feed)))
         c = dict(zip(cn, cs.run(cn, feed)))
         for o in outputs:

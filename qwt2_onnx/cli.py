@@ -52,7 +52,9 @@ def main(verbose: int) -> None:
               help="ort: use the full [-127,127] weight range (only safe on CPUs with VNNI/AVX512-VNNI).")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="percentile", show_default=True)
 @click.option("--percentile", type=float, default=99.99, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Samples per onnxruntime run, at most: fewer where one batch's fetched tensors would exceed "
+                   "256 MiB (measured on the first sample).")
 @click.option("--max-samples", type=int, default=None)
 @click.option("--exclude", multiple=True, help="Node name, glob, or re:REGEX to keep in float (repeatable).")
 @click.option("--exclude-op", multiple=True, help="Op type to keep in float (repeatable).")
@@ -210,7 +212,8 @@ _DATA_OPTIONS = [
     click.option("--rtol", multiple=True, help="VALUE or OUTPUT=VALUE (repeatable)."),
     click.option("--statistic", type=click.Choice(["max", "p99", "mean"]), default="max", show_default=True,
                  help="Which statistic of |Δ| the tolerance bounds."),
-    click.option("--batch-size", type=int, default=8, show_default=True),
+    click.option("--batch-size", type=int, default=8, show_default=True,
+                 help="Samples per run, at most: fewer where one batch's fetched tensors would exceed 256 MiB."),
 ]
 
 

@@ -34,7 +34,7 @@ from onnx import helper
 from .calib_data import CalibrationSet
 from .diffstats import DiffAccumulator, DiffStats
 from .errors import QwtError
-from .runtime import batches, make_session, with_outputs
+from .runtime import batch_size_within, batches, make_session, with_outputs
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -140,7 +140,9 @@ def check_fold(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: Calibrati
     acc = {kind: {o: DiffAccumulator(o) for o in outputs} for kind in ("forced", "free")}
     acc_layers = {k: DiffAccumulator(k) for k in layers}
     total = flipped = worst = 0
-    for feed, _ in batches(data, batch_size):
+    # sized by the free-running pair, whose fetches (every activation code) are the larger ones
+    size = batch_size_within(data, batch_size, lambda f: [*run_u.run(names, f), *run_f.run(names, f)])
+    for feed, _ in batches(data, size):
         u = dict(zip(names, run_u.run(names, feed)))
         f = dict(zip(names, run_f.run(names, feed)))
         for c in codes:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -51,6 +51,26 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str] | dict[str, int]
     return m
 
 
+BATCH_OUTPUT_LIMIT = 64 * 2**20  # bytes of fetched outputs per batch: docs/COMPILE_MEMORY.md
+
+
+def batch_size_within(samples: Iterable[Feed], requested: int, run: Callable[[Feed], Iterable[np.ndarray]],
+                      limit: int | None = None) -> int:
+    """The batch size, at most ``requested``, whose fetched outputs stay within ``limit`` bytes
+    (``BATCH_OUTPUT_LIMIT``), measured by running ``run`` on the first sample of ``samples``
+    (re-iterable: a :class:`CalibrationSet` or a list).
+
+    Calibration and the checks fetch every intermediate tensor: on ppocr_det (512x512 inputs, 123 MiB
+    of them per sample) a batch of 8 raised the process's memory by 3.2 GB during calibration and was
+    no faster than one sample at a time (onnxruntime's own buffers grow with the batch too)."""
+    limit = BATCH_OUTPUT_LIMIT if limit is None else limit
+    first = next(iter(samples), None) if requested > 1 else None
+    if first is None:
+        return max(1, requested)
+    per_sample = sum(o.nbytes for o in run(first))
+    return max(1, min(requested, int(limit // max(per_sample, 1))))
+
+
 def batches(samples: Iterable[Feed], batch_size: int) -> Iterator[tuple[Feed, int]]:
     """Concatenate consecutive same-shaped samples into batches of up to ``batch_size``."""
     pending: list[Feed] = []
@@ -78,16 +98,19 @@ class BatchRunner:
         self.batch_size = batch_size
 
     def run(self, samples: Iterable[Feed], outputs: list[str]) -> Iterator[tuple[list[dict[str, np.ndarray]], int]]:
-        """Yields ([outputs of each session], number of samples in the batch)."""
-        for feed, n in batches(samples, self.batch_size):
-            try:
-                yield [dict(zip(outputs, s.run(outputs, feed))) for s in self.sessions], n
-                continue
-            except Exception:
-                if n == 1:
-                    raise
-                logger.info("model does not run on a batch of %d; running samples one by one", n)
-                self.batch_size = 1
+        """Yields ([outputs of each session], number of samples in the batch).  ``samples`` is iterated
+        twice (the first sample sizes the batches: :func:`batch_size_within`)."""
+        size = batch_size_within(samples, self.batch_size, lambda f: [o for s in self.sessions for o in s.run(outputs, f)])
+        for feed, n in batches(samples, size):
+            if self.batch_size > 1:
+                try:
+                    yield [dict(zip(outputs, s.run(outputs, feed))) for s in self.sessions], n
+                    continue
+                except Exception:
+                    if n == 1:
+                        raise
+                    logger.info("model does not run on a batch of %d; running samples one by one", n)
+                    self.batch_size = 1
             for i in range(n):
                 single = {k: v[i:i + 1] for k, v in feed.items()}
                 yield [dict(zip(outputs, s.run(outputs, single))) for s in self.sessions], 1

@@ -1,18 +1,27 @@
-"""Where a compile's memory goes: peak RSS per pipeline stage.
+"""Where a compile's memory goes, and what the batch output limit buys: peak RSS per pipeline stage.
 
-    python tools/compile_memory.py ppocr_det [--no-cwac] [--batch-size 8] [--n-calib 64]
+    python tools/compile_memory.py [names...] [--limit-mib 0 256 64] [--repeat 3] [--no-cwac]
+                                   [--out docs/COMPILE_MEMORY.md]
 
-Compiles a zoo model on its task's calibration samples (as tools/zoo_eval.py
-does) while a thread samples this process's resident set every 10 ms; each
-sample is attributed to the pipeline stage running at the time
-(``pipeline._stage``).  Prints one line per stage: seconds, peak RSS during the
-stage and its rise over the RSS when the stage began, and the process's VmHWM.
+For each zoo model and each value of ``runtime.BATCH_OUTPUT_LIMIT`` (the bytes of
+fetched tensors one batch may hold; 0 here means no limit, i.e. always
+``--batch-size 8`` as before the limit existed), a fresh process compiles the
+model on its task's 64 calibration samples (as tools/zoo_eval.py does) while a
+thread samples its resident set every 10 ms; each sample is attributed to the
+pipeline stage running at the time (``pipeline._stage``).  The process reports
+its VmHWM and, per stage, the seconds and the peak rise over the RSS when the
+stage began.  Medians over ``--repeat`` processes; ratios are what to read on a
+shared machine.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -20,11 +29,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from qwt2_onnx import CalibConfig, CompileConfig, compile_model, pipeline  # noqa: E402
-from qwt2_onnx.config import CwacConfig  # noqa: E402
-from zoo import fetch_model  # noqa: E402
-from zoo_tasks import TASKS  # noqa: E402
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -40,63 +44,114 @@ def hwm_mb() -> float:
 
 
 class StageMemory:
-    """Peak RSS per stage, sampled by a daemon thread."""
+    """Peak RSS rise per stage, sampled by a daemon thread."""
 
     def __init__(self, period_s: float = 0.01):
-        self.period_s, self.stage, self.rows = period_s, "setup", {}
-        self._start = {"setup": rss_mb()}
+        self.period_s, self.stage, self.start, self.peak = period_s, None, {}, {}
         self._stop = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            r = rss_mb()
-            self.rows[self.stage] = max(self.rows.get(self.stage, 0.0), r)
+            stage = self.stage  # read once: the compile thread changes it
+            if stage is not None:
+                self.peak[stage] = max(self.peak.get(stage, 0.0), rss_mb())
             time.sleep(self.period_s)
 
-    def enter(self, name: str) -> None:
+    def enter(self, name: str | None) -> None:
+        if name is not None:
+            self.start.setdefault(name, rss_mb())
         self.stage = name
-        self._start.setdefault(name, rss_mb())
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, float]:
         self._stop.set()
+        return {k: self.peak[k] - self.start[k] for k in self.peak}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name", choices=sorted(TASKS))
-    ap.add_argument("--no-cwac", action="store_true")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--n-calib", type=int, default=64)
-    args = ap.parse_args(argv)
-    model = fetch_model(args.name)
-    feeds = TASKS[args.name].calib_feeds(model, args.n_calib)
-    calib = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(args.n_calib)]
+def child(name: str, limit_mib: int, cwac: bool) -> dict:
+    from qwt2_onnx import CompileConfig, compile_model, pipeline, runtime
+    from qwt2_onnx.config import CwacConfig
+    from zoo import fetch_model
+    from zoo_tasks import TASKS
+
+    runtime.BATCH_OUTPUT_LIMIT = limit_mib * 2**20 if limit_mib else 2**62
+    model = fetch_model(name)
+    feeds = TASKS[name].calib_feeds(model, 64)
+    calib = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(64)]
     del feeds
     mem = StageMemory()
     real_stage = pipeline._stage
 
     @contextlib.contextmanager
-    def stage(name, seconds):
-        mem.enter(name)
+    def stage(stage_name, seconds):
+        mem.enter(stage_name)
         try:
-            with real_stage(name, seconds):
+            with real_stage(stage_name, seconds):
                 yield
         finally:
-            mem.enter("between stages")
+            mem.enter(None)
 
     pipeline._stage = stage
-    cfg = CompileConfig(calib=CalibConfig(batch_size=args.batch_size), cwac=CwacConfig(enabled=not args.no_cwac))
     with tempfile.TemporaryDirectory() as d:
-        res = compile_model(model, calib, Path(d) / "out.onnx", cfg, measure=False)
-    mem.stop()
-    seconds = res.seconds
-    print(f"{args.name} batch {args.batch_size} {'--no-cwac' if args.no_cwac else 'CWAC'}: VmHWM {hwm_mb():.0f} MB")
-    print(f"{'stage':<28} {'s':>7} {'RSS at start':>13} {'peak RSS':>9} {'rise':>7}")
-    for name, peak in mem.rows.items():
-        start = mem._start.get(name, float("nan"))
-        print(f"{name:<28} {seconds.get(name, float('nan')):>7.1f} {start:>13.0f} {peak:>9.0f} {peak - start:>7.0f}")
+        res = compile_model(model, calib, Path(d) / "out.onnx", CompileConfig(cwac=CwacConfig(enabled=cwac)),
+                            measure=False)
+    rise = mem.stop()
+    return {"hwm_mb": hwm_mb(), "seconds": res.seconds, "rise_mb": rise, "total_s": sum(res.seconds.values())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", default=["ppocr_det", "yolov8n", "orientation", "ppocr_rec", "ppocr_cls"])
+    ap.add_argument("--limit-mib", type=int, nargs="+", default=[0, 256, 64])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-cwac", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("docs/COMPILE_MEMORY.md"))
+    ap.add_argument("--child", nargs=2, metavar=("NAME", "LIMIT_MIB"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), not args.no_cwac)))
+        return 0
+    rows = []
+    for name in args.names:
+        for limit in args.limit_mib:
+            runs = []
+            for _ in range(args.repeat):
+                cmd = [sys.executable, __file__, "--child", name, str(limit)] + (["--no-cwac"] if args.no_cwac else [])
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
+            stages = [s for s in runs[0]["seconds"] if s in runs[0]["rise_mb"]]
+            row = {"model": name, "limit_mib": limit, "hwm_mb": med(lambda r: r["hwm_mb"]),
+                   "total_s": med(lambda r: r["total_s"]),
+                   "stages": {s: (med(lambda r: r["seconds"][s]), med(lambda r: r["rise_mb"].get(s, 0.0)))
+                              for s in stages}}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    args.out.write_text(render(rows, args))
+    print(args.out.read_text())
     return 0
+
+
+def render(rows: list[dict], args) -> str:
+    heavy = ["calibrate", "cwac_fit", "check"]
+    limits = " ".join(map(str, args.limit_mib))
+    lines = ["# Compile memory: peak RSS per stage vs the batch output limit", "",
+             f"Generated by `python tools/compile_memory.py {' '.join(args.names)} --limit-mib {limits} "
+             f"--repeat {args.repeat}{' --no-cwac' if args.no_cwac else ''}` ({platform.machine()}, Python "
+             f"{platform.python_version()}, 2 cores, shared machine).",
+             "Each cell: median of the fresh processes.  *limit*: `runtime.BATCH_OUTPUT_LIMIT`, the bytes of fetched "
+             "tensors one batch may hold (`--batch-size 8` is the most; 0 = no limit, every batch 8 samples).  "
+             "*rise*: the stage's peak RSS minus the RSS when it began.", "",
+             "| model | limit (MiB) | peak RSS (MB) | compile (s) | "
+             + " | ".join(f"{s} s / rise MB" for s in heavy) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(heavy)]
+    for r in rows:
+        cells = [f"{r['stages'][s][0]:.1f} / {r['stages'][s][1]:.0f}" if s in r["stages"] else "–" for s in heavy]
+        lines.append(f"| {r['model']} | {r['limit_mib'] or 'none'} | {r['hwm_mb']:.0f} | {r['total_s']:.1f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
