@@ -54,7 +54,7 @@ def main(verbose: int) -> None:
 @click.option("--percentile", type=float, default=99.99, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Samples per onnxruntime run, at most: fewer where one batch's fetched tensors would exceed "
-                   "256 MiB (measured on the first sample).")
+                   "64 MiB (measured on the first sample).")
 @click.option("--max-samples", type=int, default=None)
 @click.option("--exclude", multiple=True, help="Node name, glob, or re:REGEX to keep in float (repeatable).")
 @click.option("--exclude-op", multiple=True, help="Op type to keep in float (repeatable).")
@@ -213,7 +213,7 @@ _DATA_OPTIONS = [
     click.option("--statistic", type=click.Choice(["max", "p99", "mean"]), default="max", show_default=True,
                  help="Which statistic of |Δ| the tolerance bounds."),
     click.option("--batch-size", type=int, default=8, show_default=True,
-                 help="Samples per run, at most: fewer where one batch's fetched tensors would exceed 256 MiB."),
+                 help="Samples per run, at most: fewer where one batch's fetched tensors would exceed 64 MiB."),
 ]
 
 

@@ -95,7 +95,7 @@ class CwacConfig:
     max_gain: float = 4.0
     holdout_fraction: float = 0.25
     params: str | None = None  # .npz of compensation fitted elsewhere ('<weight>:gain', '<weight>:bias')
-    cache_mib: int = 256
+    cache_mib: int = 64
 
     def __post_init__(self) -> None:
         from .errors import QwtError

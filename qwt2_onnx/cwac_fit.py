@@ -45,7 +45,7 @@ from .graph_io import export_model
 from .passes.fold_compensation import weight_shape
 from .passes.insert_compensation import InsertCompensationPass, compensation_point
 from .policy import QuantPlan
-from .runtime import batches, make_session
+from .runtime import batch_size_within, batches, make_session, with_outputs
 from .segments import SegmentPlan, TensorCache
 
 logger = logging.getLogger(__name__)
@@ -293,7 +293,14 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     """Fit CWAC for ``plan``'s layers of ``qmodel`` (plain QDQ) against ``float_model``."""
     t0 = time.perf_counter()
     parts = _Parts.split(data, cfg, batch_size)
-    first = next(batches(parts.fit, batch_size), None)
+    # batches sized like calibration's: one batch of the layers' outputs (what the fit caches and
+    # reads, stage by stage) within runtime.BATCH_OUTPUT_LIMIT
+    layers = {lp.node for lp in plan.layers}
+    points = [n.output[0] for n in float_model.graph.node if n.name in layers]
+    probe = make_session(with_outputs(float_model, points))
+    parts.batch_size = batch_size_within(parts.fit, batch_size, lambda f: probe.run(points or None, f))
+    del probe
+    first = next(batches(parts.fit, parts.batch_size), None)
     if first is None:
         return CwacFit({}, "none", [], {}, 0, 0.0)
     try:

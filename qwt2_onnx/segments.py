@@ -20,7 +20,7 @@ The segment structure depends only on the graph, so it is planned once
 (:class:`SegmentPlan`); initializer values (fitted gains and biases) may
 change between stages and are read when a segment is extracted.
 :class:`TensorCache` keeps the cached tensors in memory up to a byte budget
-(256 MiB by default) and on disk beyond it, one file per batch and tensor, and
+(``CwacConfig.cache_mib``, 64 MiB by default) and on disk beyond it, one file per batch and tensor, and
 drops each one after the last segment that reads it, so memory is bounded by
 the budget plus one batch whatever the size of the calibration set.
 """
@@ -119,7 +119,7 @@ class TensorCache:
     """Tensors per (batch, name): in memory up to ``memory_budget`` bytes, then in a temporary directory
     that ``close()`` removes."""
 
-    def __init__(self, memory_budget: int = 256 * 2**20) -> None:
+    def __init__(self, memory_budget: int = 64 * 2**20) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="qwt2_segments_"))
         self._ids: dict[str, int] = {}
         self.dtypes: dict[str, np.dtype] = {}
