@@ -87,3 +87,15 @@ def test_float_rec_reads_english(zoo_path):
     assert x.shape == (30, 3, 48, 320) and len(truth) == 30
     res = task.evaluate(sess)
     assert res["char_acc_en"] >= 0.95, res
+
+
+def test_mcnemar_counts_discordant_samples_and_gives_the_exact_p_value():
+    from zoo_large_eval import mcnemar
+
+    a = np.array([True] * 10 + [False] * 3 + [True] * 50)
+    b = np.array([False] * 10 + [True] * 3 + [True] * 50)
+    m = mcnemar(a, b)
+    assert (m["only_first_right"], m["only_second_right"]) == (10, 3)
+    assert m["p_value"] == 0.0923  # 2 * (1 + 13 + 78 + 286) / 2**13: a 10-3 split of 13 happens 9 % of the time
+    assert mcnemar(a, a)["p_value"] == 1.0
+    assert mcnemar(np.ones(10, bool), np.zeros(10, bool))["p_value"] == round(2 / 1024, 4)

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
 
 from qwt2_onnx import CompileConfig, compile_model  # noqa: E402
 from qwt2_onnx.config import CwacConfig  # noqa: E402
@@ -33,6 +36,19 @@ from zoo import fetch_model  # noqa: E402
 from zoo_eval import session  # noqa: E402
 from zoo_ort_baseline import _CachedSession, config_options, ort_quantize  # noqa: E402
 from zoo_tasks import TASKS  # noqa: E402
+
+
+PAIRS = (("ours plain", "ours CWAC"), ("onnxruntime best", "onnxruntime best upgraded with CWAC"))
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> dict:
+    """Paired comparison of two classifiers on the same samples: samples only ``a`` got right, only ``b``
+    got right, and the exact two-sided McNemar p-value (binomial on the discordant samples): the
+    probability of a split at least this uneven if neither model were better."""
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"only_first_right": only_a, "only_second_right": only_b, "p_value": round(p, 4)}
 
 
 def main() -> int:
@@ -63,12 +79,20 @@ def main() -> int:
         float_ref = best + ".pre.onnx" if config_options(args.name, "best").get("pre_process") else model
         paths["onnxruntime best upgraded with CWAC"] = out = f"{d}/ort_best_upgraded.onnx"
         upgrade_model(best, float_ref, calib, out, CompileConfig(holdout_samples=0))
+        right = {"float": task.correct(float_session)}
         for name, path in paths.items():
-            rows[name] = task.evaluate(session(path, True), float_session)
+            sess = session(path, True)
+            rows[name] = task.evaluate(sess, float_session)
+            right[name] = task.correct(sess)
             print(f"{args.name} {name}: {rows[name]}", flush=True)
+    paired = {}
+    if right["float"] is not None:
+        for a, b in PAIRS:
+            paired[f"{a} -> {b}"] = mcnemar(right[a], right[b])
+            print(f"{args.name} {a} -> {b}: {paired[f'{a} -> {b}']}", flush=True)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     results[args.name] = {"sizes": sizes, "n_calib": args.n_calib, "best_config": config_options(args.name, "best"),
-                          "rows": rows}
+                          "rows": rows, "paired": paired}
     args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     return 0
 

@@ -128,6 +128,12 @@ def large_eval_table(large: dict) -> list[str]:
                   "| variant | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
         lines += [f"| {name} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |" for name, r in rows.items()]
         lines.append("")
+        for pair, m in entry.get("paired", {}).items():
+            first, second = pair.split(" -> ")
+            lines.append(f"* paired, {first} → {second}: {m['only_first_right']} samples only the first got right, "
+                         f"{m['only_second_right']} only the second; exact McNemar p = {m['p_value']:.3g}")
+        if entry.get("paired"):
+            lines.append("")
     return lines
 
 

@@ -588,6 +588,11 @@ class Task:
     def evaluate(self, session, float_session=None) -> dict[str, float]:
         raise NotImplementedError
 
+    def correct(self, session) -> np.ndarray | None:
+        """Per evaluation sample, whether the model got it right (classification tasks; None elsewhere):
+        what a paired comparison of two models needs (tools/zoo_large_eval.py)."""
+        return None
+
     def __repr__(self) -> str:
         return f"<Task {self.name} input={self.input_shape}>"
 
@@ -685,6 +690,10 @@ class ClsTask(Task):
             res["agree_float"] = float(np.mean(pred == _run(float_session, x).argmax(-1)))
         return res
 
+    def correct(self, session):
+        x, y = self.eval_set
+        return _run(session, x).argmax(-1) == y
+
 
 class OrientationTask(Task):
     """Class k ("0","90","180","270"): the page is rotated k*90 degrees
@@ -739,6 +748,10 @@ class OrientationTask(Task):
         if float_session is not None:
             res["agree_float"] = float(np.mean(pred == _run(float_session, x).argmax(-1)))
         return res
+
+    def correct(self, session):
+        x, y = self.eval_set
+        return _run(session, x).argmax(-1) == y
 
 
 class DetTask(Task):
