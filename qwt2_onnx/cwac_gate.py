@@ -31,13 +31,22 @@ def gate_tensors(model: onnx.ModelProto) -> list[str]:
             t = producer[t].input[0]
         return t
 
-    def logits(t: str) -> str:
+    def under_requantization(t: str) -> str:
+        """The float tensor a QuantizeLinear → DequantizeLinear pair (and reshapes) re-expresses, else ``t``."""
         t = through_shape_ops(t)
-        return producer[t].input[0] if t in producer and producer[t].op_type in _SATURATING else t
+        while (t in producer and producer[t].op_type == "DequantizeLinear" and producer[t].input[0] in producer
+               and producer[producer[t].input[0]].op_type == "QuantizeLinear"):
+            t = through_shape_ops(producer[producer[t].input[0]].input[0])
+        return t
+
+    def logits(t: str) -> str:
+        # a tool that quantizes the probabilities too (onnxruntime does) ends the graph in Softmax → Q → DQ
+        u = under_requantization(t)
+        return producer[u].input[0] if u in producer and producer[u].op_type in _SATURATING else through_shape_ops(t)
 
     names = []
     for out in model.graph.output:
-        t = through_shape_ops(out.name)
+        t = under_requantization(out.name)
         if t in producer and producer[t].op_type == "Concat":
             names += [logits(i) for i in producer[t].input]
         else:

@@ -1,0 +1,60 @@
+"""The CWAC output gate compares logits, not saturated probabilities, also on a model another tool quantized
+(onnxruntime quantizes a Softmax's / Sigmoid's output too: the graph ends in Softmax → Q → DQ)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+from qwt2_onnx.calib_data import InputSpec, open_calibration
+from qwt2_onnx.cwac_gate import gate_tensors, output_error
+from tiny_models import conv_net
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, feeds):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def _with_head(head: str) -> onnx.ModelProto:
+    """conv_net whose output y goes through Softmax, or is concatenated with Sigmoid(y) like a YOLO head."""
+    m = conv_net(seed=5)
+    g = m.graph
+    g.node[-1].output[0] = "logits"
+    if head == "softmax":
+        g.node.append(helper.make_node("Softmax", ["logits"], ["y"], axis=-1))
+    else:
+        g.node.append(helper.make_node("Sigmoid", ["logits"], ["scores"]))
+        g.node.append(helper.make_node("Concat", ["logits", "scores"], ["y"], axis=1))
+        g.output[0].type.tensor_type.shape.dim[1].dim_value = 10
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.mark.parametrize("head", ["softmax", "concat"])
+def test_gate_compares_logits_of_a_model_whose_probabilities_are_quantized(tmp_path, head):
+    float_model = _with_head(head)
+    onnx.save(float_model, tmp_path / "f.onnx")
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(16)]
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                    per_channel=True)
+    qmodel = onnx.load(tmp_path / "q.onnx")
+    producer = {o: n for n in qmodel.graph.node for o in n.output}
+    assert producer["y"].op_type == "DequantizeLinear"  # onnxruntime did quantize the model's output
+
+    ref, cand = gate_tensors(float_model), gate_tensors(qmodel)
+    assert ref == (["logits"] if head == "softmax" else ["logits", "logits"])
+    assert len(cand) == len(ref)
+    consumers = {n.op_type for n in qmodel.graph.node for i in n.input if i == cand[-1]}
+    assert consumers & {"Softmax", "Sigmoid"}  # the quantized model's logits, before its saturating op
+
+    data = open_calibration(feeds, InputSpec.from_model(float_model))
+    err = output_error(float_model, qmodel, data, 4)
+    # logits vs logits: the relative error of an 8-bit model, not that of probabilities vs logits (O(1))
+    assert 0 < err < 0.05
