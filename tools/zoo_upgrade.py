@@ -4,8 +4,9 @@
 
 Per zoo model, onnxruntime quantizes it with its best configuration found by
 ``tools/zoo_ort_baseline.py --sweep`` (``best_<model>`` in ORT_CONFIGS) at
-W8A8, and with the same options and int4 weights (``weight_type=QInt4``) at
-W4A8; ``upgrade_model`` then fits CWAC on that model's own grid against the
+W8A8, and with the same options and int4 weights (``weight_type=QInt4``,
+without ``reduce_range``, which would leave int4 weights nine levels, [-4, 4])
+at W4A8; ``upgrade_model`` then fits CWAC on that model's own grid against the
 float model onnxruntime quantized (its ``quant_pre_process`` output when the
 configuration pre-processes).  The task metric of both is measured simulated
 (optimizations off) and deployed (all optimizations), on the same calibration
@@ -38,6 +39,9 @@ def run(name: str, bits: str, n_calib: int, workdir: Path) -> tuple[dict, dict]:
     options = dict(config_options(name, "best"))
     if bits == "w4a8":
         options["weight_type"] = "QInt4"
+        # reduce_range keeps int8 weights to 7 bits against u8s8 saturation; int4 weights have no integer kernel
+        # here, and with it onnxruntime quantizes them to [-4, 4], nine levels (3 bits), not int4's [-8, 7]
+        options.pop("reduce_range", None)
     qpath = workdir / f"{name}.{bits}.ort.onnx"
     t0 = time.perf_counter()
     ort_quantize(model, feeds, qpath, **options)
