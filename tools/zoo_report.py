@@ -102,6 +102,32 @@ def cwac_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def upgrade_table(results: dict) -> list[str]:
+    """Upgrade mode: onnxruntime's model vs the same model upgraded with CWAC, and what the upgrade costs."""
+    lines = ["## Upgrade mode summary (deployed, first headline metric)", "",
+             "onnxruntime `quantize_static` with its best W8A8 configuration (and the same with int4 weights), "
+             "upgraded with CWAC on its own grid.  *inserted*: ops the fold added to the QDQ graph (none is the "
+             "goal); *runtime ops*: what onnxruntime's optimized graph runs, upgraded minus input.", "",
+             "| model | bits | float | onnxruntime | upgraded | SQNR (dB) | held-out output error | inserted | "
+             "runtime ops | integer kernels (input → upgraded) |", "|---|---|---:|---:|---:|---|---|---|---|---|"]
+    for model, entry in results.items():
+        key = HEADLINE.get(model, [None])[0]
+        f = entry.get("float", {}).get(key)
+        for bits in ("w8a8", "w4a8"):
+            base, up = entry.get(f"ort-best-{bits}"), entry.get(f"upgrade-ort-best-{bits}")
+            if not base or not up or "deployed" not in up or "cwac" not in up:
+                continue
+            c = up["cwac"]
+            err = c["output_error"]
+            diff = up.get("runtime_op_diff")
+            runtime = "–" if diff is None else ", ".join(f"{k} {v:+d}" for k, v in diff.items()) or "same"
+            lines.append(f"| {model} | {bits} | {f:.4f} | {base['deployed'][key]:.4f} | {up['deployed'][key]:.4f} | "
+                         f"{_sqnr(base, 'deployed')} → {_sqnr(up, 'deployed')} | {err['none']:.3g} → "
+                         f"{err[c['target']]:.3g} ({c['target']}) | {len(c.get('inserted_ops', []))} | {runtime} | "
+                         f"{base.get('fusion', '–')} → {up.get('fusion', '–')} |")
+    return lines + [""]
+
+
 def _isa() -> str:
     """The CPU's integer-dot-product flags (what decides onnxruntime's u8·s8 kernel), from /proc/cpuinfo."""
     try:
@@ -146,6 +172,7 @@ def render(results: dict, ort: dict, large: dict | None = None) -> str:
              "*deployed*: onnxruntime CPU with all graph optimizations (integer kernels); *simulated*: optimizations "
              "off (every Q/DQ in float).  onnxruntime's sweep rows are deployed only, as users run them.", ""]
     lines += cwac_table(results)
+    lines += upgrade_table(results)
     lines += large_eval_table(large or {})
     for model, entry in results.items():
         lines += model_table(model, entry, ort)

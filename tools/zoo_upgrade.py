@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qwt2_onnx import CompileConfig  # noqa: E402
-from qwt2_onnx.pipeline import upgrade_model  # noqa: E402
+from qwt2_onnx.inspect_ort import fusion_report  # noqa: E402
+from qwt2_onnx.pipeline import _integer_weights, upgrade_model  # noqa: E402
 from zoo import fetch_model  # noqa: E402
 from zoo_eval import evaluate, session  # noqa: E402
 from zoo_ort_baseline import _quiet, config_options, ort_quantize  # noqa: E402
@@ -54,8 +55,9 @@ def run(name: str, bits: str, n_calib: int, workdir: Path) -> tuple[dict, dict]:
     up_s = time.perf_counter() - t0
     fsess = session(str(model), True)
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
+    before = fusion_report(res.plain_model, _integer_weights(res.plain_model, res.plan))  # onnxruntime's own model
     base = {"model": name, "variant": f"ort-best-{bits}", "options": options, "compile_s": round(ort_s, 1),
-            "fusion": "–"}
+            "fusion": before.summary()}
     base_metrics, base["output_fidelity"] = evaluate(task, str(qpath), fsess)
     base.update(base_metrics)
     up = {"model": name, "variant": f"upgrade-ort-best-{bits}", "compile_s": round(up_s, 1),
@@ -63,7 +65,11 @@ def run(name: str, bits: str, n_calib: int, workdir: Path) -> tuple[dict, dict]:
           "cwac": {**res.stages["cwac_fit"], "fit_s": round(res.cwac.seconds, 1),
                    "fold_check": res.stages["fold"]["check"], "inserted_ops": res.stages["fold"]["inserted_ops"],
                    "strategies": dict(Counter(res.stages["fold"]["strategies"].values()))},
-          "op_histogram_equal_input": ops(res.model) == ops(res.plain_model)}
+          "op_histogram_equal_input": ops(res.model) == ops(res.plain_model),
+          # what onnxruntime runs (its optimized graph), upgraded minus input: the runtime cost of inserted ops
+          "runtime_op_diff": {k: res.fusion.op_histogram.get(k, 0) - before.op_histogram.get(k, 0)
+                              for k in sorted(set(res.fusion.op_histogram) | set(before.op_histogram))
+                              if res.fusion.op_histogram.get(k, 0) != before.op_histogram.get(k, 0)}}
     up_metrics, up["output_fidelity"] = evaluate(task, str(out), fsess)
     up.update(up_metrics)
     return base, up
