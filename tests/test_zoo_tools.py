@@ -99,3 +99,35 @@ def test_mcnemar_counts_discordant_samples_and_gives_the_exact_p_value():
     assert m["p_value"] == 0.0923  # 2 * (1 + 13 + 78 + 286) / 2**13: a 10-3 split of 13 happens 9 % of the time
     assert mcnemar(a, a)["p_value"] == 1.0
     assert mcnemar(np.ones(10, bool), np.zeros(10, bool))["p_value"] == round(2 / 1024, 4)
+
+
+def test_fold_check_control_moves_every_weight_scale_by_one_ulp(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from fold_check_zoo import nudged_weight_scales
+    from qwt2_onnx import CompileConfig, compile_model
+    from qwt2_onnx.calib_data import InputSpec, open_calibration
+    from qwt2_onnx.config import CwacConfig
+    from qwt2_onnx.equivalence import check_fold
+    from tiny_models import conv_net
+
+    model = conv_net(seed=2)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(24)]
+    onnx.save(model, tmp_path / "f.onnx")
+    plain = compile_model(tmp_path / "f.onnx", feeds, tmp_path / "q.onnx", CompileConfig(cwac=CwacConfig(enabled=False)),
+                          measure=False).model
+    nudged = nudged_weight_scales(plain)
+    before = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in nudged.graph.initializer}
+    weight_scales = {n.input[1] for n in plain.graph.node
+                     if n.op_type == "DequantizeLinear" and n.input[0] in before and n.input[1] in before}
+    assert weight_scales
+    for name, value in before.items():
+        if name in weight_scales:
+            assert np.array_equal(after[name], np.nextafter(value, np.float32(np.inf)))
+        else:
+            assert np.array_equal(after[name], value)
+    check = check_fold(nudged, plain, open_calibration(feeds, InputSpec.from_model(model)), 8)
+    assert 0 < check.worst_forced < 1e-5  # the same function up to float rounding, and not bit-identical
