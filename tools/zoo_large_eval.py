@@ -2,7 +2,7 @@
 
     python tools/zoo_large_eval.py ppocr_cls --size n_eval=10000
     python tools/zoo_large_eval.py yolov8n --size n_eval=600
-        [--n-calib 64] [--json docs/zoo_large_eval.json]
+        [--wbits 8|4] [--n-calib 64] [--json docs/zoo_large_eval.json]
 
 The zoo's default evaluation sets (tools/zoo_tasks.py) are sized for a full
 sweep over every variant; on two models every W8A8 variant lands within one or
@@ -13,8 +13,11 @@ same 64 calibration samples as tools/zoo_eval.py and tools/zoo_ort_baseline.py:
 float, onnxruntime ``quantize_static`` (its defaults and its best
 configuration), ours ``--no-cwac``, ours with CWAC (default options) and
 onnxruntime's best model upgraded with CWAC (as tools/zoo_upgrade.py).
-Every model runs deployed (onnxruntime, all optimizations).  Results merge into
-the JSON under the model's name.
+Every model runs deployed (onnxruntime, all optimizations).  ``--wbits 4``
+runs the W4A8 comparison instead: ours at 4-bit weights, onnxruntime with int4
+weights (its best options without ``reduce_range``, as tools/zoo_upgrade.py).
+Results merge into the JSON under the model's name (``"<name> w4a8"`` for
+``--wbits 4``).
 """
 from __future__ import annotations
 
@@ -30,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from qwt2_onnx import CompileConfig, compile_model  # noqa: E402
-from qwt2_onnx.config import CwacConfig  # noqa: E402
+from qwt2_onnx.config import CwacConfig, QuantConfig  # noqa: E402
 from qwt2_onnx.pipeline import upgrade_model  # noqa: E402
 from zoo import fetch_model  # noqa: E402
 from zoo_eval import session  # noqa: E402
-from zoo_ort_baseline import _CachedSession, config_options, ort_quantize  # noqa: E402
+from zoo_ort_baseline import _CachedSession, ort_options, ort_quantize  # noqa: E402
 from zoo_tasks import TASKS  # noqa: E402
 
 
@@ -56,6 +59,7 @@ def main() -> int:
     ap.add_argument("name", choices=sorted(TASKS))
     ap.add_argument("--size", action="append", default=[], metavar="N_FIELD=VALUE",
                     help="evaluation-set size override, e.g. n_eval=10000 (repeatable)")
+    ap.add_argument("--wbits", type=int, choices=[8, 4], default=8)
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--json", type=Path, default=Path("docs/zoo_large_eval.json"))
     args = ap.parse_args()
@@ -70,13 +74,14 @@ def main() -> int:
         paths = {}
         for config in ("defaults", "best"):
             paths[f"onnxruntime {config}"] = out = f"{d}/ort_{config}.onnx"
-            ort_quantize(model, feeds, out, **config_options(args.name, config))
+            ort_quantize(model, feeds, out, **ort_options(args.name, config, args.wbits))
         calib = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(args.n_calib)]
         for name, cwac in (("ours plain", CwacConfig(enabled=False)), ("ours CWAC", CwacConfig())):
             paths[name] = out = f"{d}/{name.replace(' ', '_')}.onnx"
-            compile_model(model, calib, out, CompileConfig(cwac=cwac, holdout_samples=0), measure=False)
+            compile_model(model, calib, out, CompileConfig(quant=QuantConfig(wbits=args.wbits), cwac=cwac,
+                                                           holdout_samples=0), measure=False)
         best = paths["onnxruntime best"]  # upgrade mode, as tools/zoo_upgrade.py runs it
-        float_ref = best + ".pre.onnx" if config_options(args.name, "best").get("pre_process") else model
+        float_ref = best + ".pre.onnx" if ort_options(args.name, "best", args.wbits).get("pre_process") else model
         paths["onnxruntime best upgraded with CWAC"] = out = f"{d}/ort_best_upgraded.onnx"
         upgrade_model(best, float_ref, calib, out, CompileConfig(holdout_samples=0))
         right = {"float": task.correct(float_session)}
@@ -91,7 +96,8 @@ def main() -> int:
             paired[f"{a} -> {b}"] = mcnemar(right[a], right[b])
             print(f"{args.name} {a} -> {b}: {paired[f'{a} -> {b}']}", flush=True)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
-    results[args.name] = {"sizes": sizes, "n_calib": args.n_calib, "best_config": config_options(args.name, "best"),
+    key = args.name if args.wbits == 8 else f"{args.name} w4a8"
+    results[key] = {"sizes": sizes, "n_calib": args.n_calib, "best_config": ort_options(args.name, "best", args.wbits),
                           "rows": rows, "paired": paired}
     args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     return 0

@@ -162,6 +162,16 @@ class _CachedSession:
         return self._cache[key]
 
 
+def ort_options(name: str, config: str, wbits: int) -> dict:
+    """onnxruntime's options for ``config``; at 4 bits int4 weights, without reduce_range (which would leave
+    them nine levels, [-4, 4])."""
+    options = dict(config_options(name, config))
+    if wbits == 4:
+        options["weight_type"] = "QInt4"
+        options.pop("reduce_range", None)
+    return options
+
+
 def _fmt(res):
     return ", ".join(f"{k}={v:.4f}" for k, v in res.items())
 

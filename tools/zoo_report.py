@@ -14,7 +14,7 @@ import onnxruntime
 
 HEADLINE = {"ppocr_rec": ["char_acc_en", "char_acc_zh"], "ppocr_cls": ["acc", "agree_float"],
             "orientation": ["acc"], "ppocr_det": ["gt_recall", "map_iou"], "yolov8n": ["recall", "precision",
-                                                                                     "score_cos"]}
+                                                                                     "f1", "score_cos"]}
 ORDER = ["ours-w8a8-ort-plain", "ours-w8a8-ort", "ours-w8a8-ort-global", "ours-w8a8-ort-local",
          "ours-w8a8-trt-plain", "ours-w8a8-trt",
          "ours-w4a8-ort-plain", "ours-w4a8-ort", "ours-w4a8-ort-global", "ours-w4a8-ort-local",
@@ -142,10 +142,10 @@ def large_eval_table(large: dict) -> list[str]:
     """tools/zoo_large_eval.py: W8A8 variants on larger evaluation sets, deployed."""
     if not large:
         return []
-    lines = ["## W8A8 on larger evaluation sets (deployed)", "",
-             "Where the default evaluation set is too small to rank the W8A8 variants (one or two samples apart), "
-             "`python tools/zoo_large_eval.py MODEL --size n_eval=N` re-runs them on a larger set from the same "
-             "generator, same 64 calibration samples.", ""]
+    lines = ["## Larger evaluation sets (deployed)", "",
+             "Where the default evaluation set is too small to rank the variants (one or two samples apart), "
+             "`python tools/zoo_large_eval.py MODEL --size n_eval=N [--wbits 4]` re-runs them on a larger set from "
+             "the same generator, same 64 calibration samples: W8A8, or W4A8 where the title says so.", ""]
     for model, entry in large.items():
         rows = entry["rows"]
         keys = [k for k in rows["float"] if k != "float_n_dets"]
@@ -163,7 +163,19 @@ def large_eval_table(large: dict) -> list[str]:
     return lines
 
 
+def _add_f1(node) -> None:
+    """F1 for every metrics dict with recall and precision but none recorded (results from before it was)."""
+    if isinstance(node, dict):
+        if "recall" in node and "precision" in node and "f1" not in node:
+            r, p = node["recall"], node["precision"]
+            node["f1"] = 2 * r * p / (r + p) if r + p > 0 else 0.0
+        for v in node.values():
+            _add_f1(v)
+
+
 def render(results: dict, ort: dict, large: dict | None = None) -> str:
+    for tree in (results, ort, large):
+        _add_f1(tree)
     lines = ["# Zoo results: float vs onnxruntime quantize_static vs qwt2-onnx (plain PTQ and CWAC)", "",
              "Regenerate: `python tools/zoo_eval.py && python tools/zoo_upgrade.py && python tools/zoo_report.py` "
              f"(onnxruntime {onnxruntime.__version__}, {platform.machine()}, 2 cores, CPU flags: {_isa()}).",

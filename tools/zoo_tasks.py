@@ -55,7 +55,9 @@ yolov8n      input [N,3,320,320].  60 images (photos, crops, flips, LFW face
              mosaics).  Detections: max class score>=0.25, class-aware NMS
              at IoU 0.45.  Always ``n_dets`` (mean detections per image);
              with ``float_session``: ``recall`` / ``precision`` vs float
-             detections (same class, IoU>=0.5), ``box_cos`` (cosine of
+             detections (same class, IoU>=0.5), ``f1`` (their harmonic mean:
+             recall alone rewards a model that detects too much, precision
+             one that detects too little), ``box_cos`` (cosine of
              output rows 0:4) and ``score_cos`` (rows 4:22), both pooled
              over all images.
 
@@ -922,10 +924,15 @@ class YoloTask(Task):
                           for d, f in zip(dets, fdets))
             res["recall"] = matched / max(sum(len(f[0]) for f in fdets), 1)
             res["precision"] = matched / max(sum(len(d[0]) for d in dets), 1)
+            res["f1"] = f1(res["recall"], res["precision"])
             res["box_cos"] = _cos(out[:, :4], fout[:, :4])
             res["score_cos"] = _cos(out[:, 4:], fout[:, 4:])
             res["float_n_dets"] = float(np.mean([len(f[0]) for f in fdets]))
         return res
+
+
+def f1(recall: float, precision: float) -> float:
+    return 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
 
 
 TASKS: dict[str, Task] = {t.name: t for t in

@@ -30,19 +30,14 @@ from qwt2_onnx.inspect_ort import fusion_report  # noqa: E402
 from qwt2_onnx.pipeline import _integer_weights, upgrade_model  # noqa: E402
 from zoo import fetch_model  # noqa: E402
 from zoo_eval import evaluate, session  # noqa: E402
-from zoo_ort_baseline import _quiet, config_options, ort_quantize  # noqa: E402
+from zoo_ort_baseline import _quiet, ort_options, ort_quantize  # noqa: E402
 from zoo_tasks import TASKS  # noqa: E402
 
 
 def run(name: str, bits: str, n_calib: int, workdir: Path) -> tuple[dict, dict]:
     task, model = TASKS[name], fetch_model(name)
     feeds = task.calib_feeds(model, n_calib)
-    options = dict(config_options(name, "best"))
-    if bits == "w4a8":
-        options["weight_type"] = "QInt4"
-        # reduce_range keeps int8 weights to 7 bits against u8s8 saturation; int4 weights have no integer kernel
-        # here, and with it onnxruntime quantizes them to [-4, 4], nine levels (3 bits), not int4's [-8, 7]
-        options.pop("reduce_range", None)
+    options = ort_options(name, "best", 4 if bits == "w4a8" else 8)
     qpath = workdir / f"{name}.{bits}.ort.onnx"
     t0 = time.perf_counter()
     ort_quantize(model, feeds, qpath, **options)
