@@ -74,6 +74,17 @@ def model_table(model: str, entry: dict, ort: dict) -> list[str]:
     return lines + [""]
 
 
+def _pairs(results: dict, variants: dict[str, tuple[str, str]]):
+    """(model, first headline metric, its float value, tag, before row, CWAC row) for every measured pair."""
+    for model, entry in results.items():
+        key = HEADLINE.get(model, [None])[0]
+        f = entry.get("float", {}).get(key)
+        for tag, (before, after) in variants.items():
+            a, b = entry.get(before), entry.get(after)
+            if a and b and "deployed" in b and "cwac" in b:
+                yield model, key, f, tag, a, b
+
+
 def cwac_table(results: dict) -> list[str]:
     """Plain vs CWAC, deployed headline metric, gap recovered, and the fold's invariants."""
     lines = ["## CWAC summary (deployed, first headline metric)", "",
@@ -83,22 +94,17 @@ def cwac_table(results: dict) -> list[str]:
              "activation codes (outputs and every quantizer input); *ops*: fused op histogram == plain.", "",
              "| model | bits/target | float | plain | CWAC | gap recovered | SQNR plain → CWAC (dB) | "
              "held-out output error | fold check | ops equal |", "|---|---|---:|---:|---:|---:|---|---|---:|---|"]
-    for model, entry in results.items():
-        key = HEADLINE.get(model, [None])[0]
-        f = entry.get("float", {}).get(key)
-        for tag in ("w8a8-ort", "w8a8-trt", "w4a8-ort"):
-            plain, cw = entry.get(f"ours-{tag}-plain"), entry.get(f"ours-{tag}")
-            if not plain or not cw or "deployed" not in cw or "cwac" not in cw:
-                continue
-            p, c = plain["deployed"][key], cw["deployed"][key]
-            gap = f"{(c - p) / (f - p):.0%}" if f is not None and f - p > 1e-9 else "–"
-            err = cw["cwac"]["output_error"]
-            chk = cw["cwac"]["fold_check"]
-            worst = max([*chk["forced_max_rel"].values(),
-                         *chk.get("forced_layer_max_rel", chk.get("forced_quantizer_max_rel", {})).values()])
-            lines.append(f"| {model} | {tag} | {f:.4f} | {p:.4f} | {c:.4f} | {gap} | {_sqnr(plain, 'deployed')} → "
-                         f"{_sqnr(cw, 'deployed')} | {err['none']:.3g} → {err[cw['cwac']['target']]:.3g} "
-                         f"({cw['cwac']['target']}) | {worst:.1e} | {cw.get('op_histogram_equal_plain')} |")
+    for model, key, f, tag, plain, cw in _pairs(results, {t: (f"ours-{t}-plain", f"ours-{t}")
+                                                           for t in ("w8a8-ort", "w8a8-trt", "w4a8-ort")}):
+        p, c = plain["deployed"][key], cw["deployed"][key]
+        gap = f"{(c - p) / (f - p):.0%}" if f is not None and f - p > 1e-9 else "–"
+        err = cw["cwac"]["output_error"]
+        chk = cw["cwac"]["fold_check"]
+        worst = max([*chk["forced_max_rel"].values(),
+                     *chk.get("forced_layer_max_rel", chk.get("forced_quantizer_max_rel", {})).values()])
+        lines.append(f"| {model} | {tag} | {f:.4f} | {p:.4f} | {c:.4f} | {gap} | {_sqnr(plain, 'deployed')} → "
+                     f"{_sqnr(cw, 'deployed')} | {err['none']:.3g} → {err[cw['cwac']['target']]:.3g} "
+                     f"({cw['cwac']['target']}) | {worst:.1e} | {cw.get('op_histogram_equal_plain')} |")
     return lines + [""]
 
 
@@ -110,21 +116,16 @@ def upgrade_table(results: dict) -> list[str]:
              "goal); *runtime ops*: what onnxruntime's optimized graph runs, upgraded minus input.", "",
              "| model | bits | float | onnxruntime | upgraded | SQNR (dB) | held-out output error | inserted | "
              "runtime ops | integer kernels (input → upgraded) |", "|---|---|---:|---:|---:|---|---|---|---|---|"]
-    for model, entry in results.items():
-        key = HEADLINE.get(model, [None])[0]
-        f = entry.get("float", {}).get(key)
-        for bits in ("w8a8", "w4a8"):
-            base, up = entry.get(f"ort-best-{bits}"), entry.get(f"upgrade-ort-best-{bits}")
-            if not base or not up or "deployed" not in up or "cwac" not in up:
-                continue
-            c = up["cwac"]
-            err = c["output_error"]
-            diff = up.get("runtime_op_diff")
-            runtime = "–" if diff is None else ", ".join(f"{k} {v:+d}" for k, v in diff.items()) or "same"
-            lines.append(f"| {model} | {bits} | {f:.4f} | {base['deployed'][key]:.4f} | {up['deployed'][key]:.4f} | "
-                         f"{_sqnr(base, 'deployed')} → {_sqnr(up, 'deployed')} | {err['none']:.3g} → "
-                         f"{err[c['target']]:.3g} ({c['target']}) | {len(c.get('inserted_ops', []))} | {runtime} | "
-                         f"{base.get('fusion', '–')} → {up.get('fusion', '–')} |")
+    for model, key, f, bits, base, up in _pairs(results, {b: (f"ort-best-{b}", f"upgrade-ort-best-{b}")
+                                                        for b in ("w8a8", "w4a8")}):
+        c = up["cwac"]
+        err = c["output_error"]
+        diff = up.get("runtime_op_diff")
+        runtime = "–" if diff is None else ", ".join(f"{k} {v:+d}" for k, v in diff.items()) or "same"
+        lines.append(f"| {model} | {bits} | {f:.4f} | {base['deployed'][key]:.4f} | {up['deployed'][key]:.4f} | "
+                     f"{_sqnr(base, 'deployed')} → {_sqnr(up, 'deployed')} | {err['none']:.3g} → "
+                     f"{err[c['target']]:.3g} ({c['target']}) | {len(c.get('inserted_ops', []))} | {runtime} | "
+                     f"{base.get('fusion', '–')} → {up.get('fusion', '–')} |")
     return lines + [""]
 
 
