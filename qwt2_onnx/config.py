@@ -117,7 +117,8 @@ class CompileConfig:
     cwac: CwacConfig = dataclasses.field(default_factory=CwacConfig)
     simplify: bool = True
     check: bool = True  # fused vs unfused check + float/plain/CWAC comparison, report beside the model
-    holdout_samples: int = 16  # calibration samples kept aside for the fidelity summary
+    holdout_samples: int = 16  # calibration samples kept aside for the checks and the fidelity summary
+    # (0: none kept aside; the checks then run on the first 16 calibration samples, pipeline.split_holdout)
     # write the model with external data above this serialized size (None: protobuf's 2 GB limit); a model
     # read with external data is always written with external data
     external_data_above: int | None = None

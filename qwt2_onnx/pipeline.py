@@ -83,12 +83,17 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
     logger.info("stage %-10s %.2fs", name, seconds[name])
 
 
+CHECK_SAMPLES = 16  # what the checks and the fidelity summary run on when nothing is held out
+
+
 def split_holdout(data: CalibrationSet, holdout: int) -> tuple[CalibrationSet, CalibrationSet, bool]:
-    """(calibration part, evaluation part, whether the evaluation part is held out)."""
+    """(calibration part, evaluation part, whether the evaluation part is held out).  With too few samples
+    to hold ``holdout`` out, or ``holdout`` 0, everything calibrates and the checks run on the first
+    ``max(holdout, CHECK_SAMPLES)`` calibration samples (not held out: the report says so)."""
     n = data.length
     if n is not None and holdout > 0 and n >= 2 * holdout:
         return data.take(0, n - holdout), data.take(n - holdout, n), True
-    return data, data.take(0, max(holdout, 1)), False
+    return data, data.take(0, max(holdout, CHECK_SAMPLES)), False
 
 
 def compile_model(model_path: str | Path, calib, output_path: str | Path, config: CompileConfig = CompileConfig(),

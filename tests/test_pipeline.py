@@ -208,3 +208,16 @@ def test_opset11_model_is_upgraded_and_loads(tmp_path):
     res = compile_model(tmp_path / "m.onnx", calib_npz(tmp_path / "c.npz"), tmp_path / "o.onnx")
     assert res.stages["normalize"]["opset"] == "11->13"
     assert res.fidelity.deployed["y"].sqnr_db > 30
+
+
+@pytest.mark.parametrize("n, holdout, expect", [(40, 16, (24, 16, True)), (20, 16, (20, 16, False)),
+                                                (24, 0, (24, 16, False)), (8, 0, (8, 8, False))])
+def test_checks_run_on_held_out_samples_or_on_up_to_16_calibration_samples(n, holdout, expect):
+    from qwt2_onnx.calib_data import InputSpec, open_calibration
+    from qwt2_onnx.pipeline import split_holdout
+
+    rng = np.random.default_rng(0)
+    data = open_calibration([{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(n)],
+                            InputSpec.from_model(conv_net()))
+    calib, check, held_out = split_holdout(data, holdout)
+    assert (calib.length, sum(1 for _ in check), held_out) == expect
