@@ -8,10 +8,18 @@ from __future__ import annotations
 import subprocess
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import zoo  # noqa: E402
 import zoo_tasks  # noqa: E402
+from fold_check_zoo import nudged_weight_scales
+from qwt2_onnx import CompileConfig, compile_model
+from qwt2_onnx.calib_data import InputSpec, open_calibration
+from qwt2_onnx.config import CwacConfig
+from qwt2_onnx.equivalence import check_fold
+from tiny_models import conv_net
 
 
 def test_registry_matches_tasks():
@@ -102,16 +110,6 @@ def test_mcnemar_counts_discordant_samples_and_gives_the_exact_p_value():
 
 
 def test_fold_check_control_moves_every_weight_scale_by_one_ulp(tmp_path):
-    import onnx
-    from onnx import numpy_helper
-
-    from fold_check_zoo import nudged_weight_scales
-    from qwt2_onnx import CompileConfig, compile_model
-    from qwt2_onnx.calib_data import InputSpec, open_calibration
-    from qwt2_onnx.config import CwacConfig
-    from qwt2_onnx.equivalence import check_fold
-    from tiny_models import conv_net
-
     model = conv_net(seed=2)
     rng = np.random.default_rng(0)
     feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(24)]

@@ -72,6 +72,7 @@ def main() -> int:
     print(f"{args.name} float: {rows['float']}", flush=True)
     with tempfile.TemporaryDirectory() as d:
         paths = {}
+        best_options = ort_options(args.name, "best", args.wbits)
         for config in ("defaults", "best"):
             paths[f"onnxruntime {config}"] = out = f"{d}/ort_{config}.onnx"
             ort_quantize(model, feeds, out, **ort_options(args.name, config, args.wbits))
@@ -81,7 +82,7 @@ def main() -> int:
             compile_model(model, calib, out, CompileConfig(quant=QuantConfig(wbits=args.wbits), cwac=cwac,
                                                            holdout_samples=0), measure=False)
         best = paths["onnxruntime best"]  # upgrade mode, as tools/zoo_upgrade.py runs it
-        float_ref = best + ".pre.onnx" if ort_options(args.name, "best", args.wbits).get("pre_process") else model
+        float_ref = best + ".pre.onnx" if best_options.get("pre_process") else model
         paths["onnxruntime best upgraded with CWAC"] = out = f"{d}/ort_best_upgraded.onnx"
         upgrade_model(best, float_ref, calib, out, CompileConfig(holdout_samples=0))
         right = {"float": task.correct(float_session)}
@@ -97,8 +98,8 @@ def main() -> int:
             print(f"{args.name} {a} -> {b}: {paired[f'{a} -> {b}']}", flush=True)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     key = args.name if args.wbits == 8 else f"{args.name} w4a8"
-    results[key] = {"sizes": sizes, "n_calib": args.n_calib, "best_config": ort_options(args.name, "best", args.wbits),
-                          "rows": rows, "paired": paired}
+    results[key] = {"sizes": sizes, "n_calib": args.n_calib, "best_config": best_options, "rows": rows,
+                    "paired": paired}
     args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     return 0
 

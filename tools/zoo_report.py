@@ -12,6 +12,8 @@ from pathlib import Path
 
 import onnxruntime
 
+from zoo_tasks import f1
+
 HEADLINE = {"ppocr_rec": ["char_acc_en", "char_acc_zh"], "ppocr_cls": ["acc", "agree_float"],
             "orientation": ["acc"], "ppocr_det": ["gt_recall", "map_iou"], "yolov8n": ["recall", "precision",
                                                                                      "f1", "score_cos"]}
@@ -172,8 +174,7 @@ def _add_f1(node) -> None:
     """F1 for every metrics dict with recall and precision but none recorded (results from before it was)."""
     if isinstance(node, dict):
         if "recall" in node and "precision" in node and "f1" not in node:
-            r, p = node["recall"], node["precision"]
-            node["f1"] = 2 * r * p / (r + p) if r + p > 0 else 0.0
+            node["f1"] = f1(node["recall"], node["precision"])
         for v in node.values():
             _add_f1(v)
 

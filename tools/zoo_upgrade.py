@@ -50,7 +50,7 @@ def run(name: str, bits: str, n_calib: int, workdir: Path) -> tuple[dict, dict]:
     up_s = time.perf_counter() - t0
     fsess = session(str(model), True)
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
-    before = fusion_report(res.plain_model, _integer_weights(res.plain_model, res.plan))  # onnxruntime's own model
+    before = fusion_report(res.plain_model, _integer_weights(res.plain_model, res.plan))  # the input, as normalized
     base = {"model": name, "variant": f"ort-best-{bits}", "options": options, "compile_s": round(ort_s, 1),
             "fusion": before.summary()}
     base_metrics, base["output_fidelity"] = evaluate(task, str(qpath), fsess)
