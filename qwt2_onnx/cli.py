@@ -67,6 +67,9 @@ def main(verbose: int) -> None:
 @click.option("--no-cwac", is_flag=True, help="Plain PTQ: no QwT-v2 compensation.")
 @click.option("--cwac-target", type=click.Choice(["auto", "global", "local"]), default="auto", show_default=True,
               help="CWAC fit target; auto fits both and keeps the one with the lower held-out output error.")
+@click.option("--cwac-head-fit", type=click.Choice(["spread", "lsq"]), default="spread", show_default=True,
+              help="Score heads (logits of a Softmax / Sigmoid output): keep the float logits' spread, or fit by "
+                   "least squares like every other layer (which shrinks them toward the background).")
 @click.option("--cwac-lambda", type=float, default=0.0, show_default=True, help="Shrink CWAC gains toward 1.")
 @click.option("--cwac-cache-mib", type=int, default=None, metavar="MIB",
               help="In-memory budget of each of the CWAC fit's two caches of stage-boundary tensors; beyond it "
@@ -86,7 +89,7 @@ def main(verbose: int) -> None:
 @click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
 def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abits, full_range_weights,
                 calib_method, percentile, batch_size, max_samples, exclude, exclude_op, float_model, cwac_params, act_ranges,
-                no_cwac, cwac_target,
+                no_cwac, cwac_target, cwac_head_fit,
                 cwac_lambda, cwac_cache_mib, emit_unfused, no_check, no_simplify, external_data_above,
                 image_size, layout, mean, std, scale, channel_order) -> None:
     """Compile MODEL (float ONNX) into a QDQ model.  Without MODEL: the embedded digits CNN."""
@@ -105,13 +108,13 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
                            exclude_names=tuple(exclude), exclude_op_types=tuple(exclude_op))
         config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples,
                                                                     str(act_ranges) if act_ranges else None),
-                               cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, lam=cwac_lambda,
+                               cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, head_fit=cwac_head_fit, lam=cwac_lambda,
                                                params=str(cwac_params) if cwac_params else None,
                                                **({} if cwac_cache_mib is None else {"cache_mib": cwac_cache_mib})),
                                simplify=not no_simplify, check=not no_check,
                                external_data_above=external_data_above)
-        if no_cwac and (cwac_target != "auto" or cwac_lambda != 0.0 or emit_unfused or cwac_cache_mib is not None):
-            click.echo("warning: --cwac-target / --cwac-lambda / --cwac-cache-mib / --emit-unfused have no effect "
+        if no_cwac and (cwac_target != "auto" or cwac_head_fit != "spread" or cwac_lambda != 0.0 or emit_unfused or cwac_cache_mib is not None):
+            click.echo("warning: --cwac-target / --cwac-head-fit / --cwac-lambda / --cwac-cache-mib / --emit-unfused have no effect "
                        "with --no-cwac", err=True)
         if calib_method != "percentile" and percentile != 99.99:
             click.echo("warning: --percentile has no effect unless --calib-method percentile", err=True)

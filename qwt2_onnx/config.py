@@ -11,6 +11,7 @@ Target = Literal["ort", "trt"]
 ActType = Literal["u8", "s8"]
 Method = Literal["minmax", "percentile", "entropy"]
 CwacTarget = Literal["auto", "global", "local"]
+HeadFit = Literal["spread", "lsq"]
 
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -84,6 +85,9 @@ class CwacConfig:
     with the lower held-out output error).  ``lam`` shrinks gains toward 1;
     ``max_gain`` bounds |g| (channels beyond it are left alone);
     ``holdout_fraction`` of the calibration samples judge every fit.
+    ``head_fit``: ``spread`` fits score heads (the logits of a Softmax / Sigmoid
+    at a graph output) to keep the float logits' mean and variance, ``lsq`` by
+    least squares like every other layer (see ``cwac``).
     ``params``: fold these instead of fitting (``--cwac-params``).
     ``cache_mib``: in-memory budget of each of the fit's two stage-boundary caches
     (``segments.TensorCache``); tensors beyond it go to a temporary folder.
@@ -94,6 +98,7 @@ class CwacConfig:
     lam: float = 0.0
     max_gain: float = 4.0
     holdout_fraction: float = 0.25
+    head_fit: HeadFit = "spread"
     params: str | None = None  # .npz of compensation fitted elsewhere ('<weight>:gain', '<weight>:bias')
     cache_mib: int = 64
 
@@ -102,6 +107,8 @@ class CwacConfig:
 
         if self.target not in ("auto", "global", "local"):
             raise QwtError(f"unknown CWAC target '{self.target}'", fix="use --cwac-target auto, global or local")
+        if self.head_fit not in ("spread", "lsq"):
+            raise QwtError(f"unknown CWAC head fit '{self.head_fit}'", fix="use --cwac-head-fit spread or lsq")
         if self.cache_mib < 0:
             raise QwtError(f"CWAC cache budget {self.cache_mib} MiB is negative",
                            fix="pass 0 (every cached tensor on disk) or a positive number of MiB")

@@ -16,6 +16,10 @@ Targets (f in the least-squares fit of :mod:`qwt2_onnx.cwac`):
   layer's own weight (and bias) quantization error;
 * ``auto`` (default): fit both and keep the one with the lower output error.
 
+Score heads (layers whose output is the logits of a Softmax / Sigmoid at a
+graph output) are fitted to keep the float logits' spread rather than by
+least squares (``CwacConfig.head_fit``; why in :mod:`qwt2_onnx.cwac`).
+
 Gates, so that compensation never makes things worse silently.  The samples
 are split into a fit part and a held-out part (the last ``holdout_fraction``):
 
@@ -39,8 +43,8 @@ import onnx_graphsurgeon as gs
 
 from .calib_data import CalibrationSet
 from .config import CwacConfig
-from .cwac import ChannelSums, Compensation, fit_affine
-from .cwac_gate import output_error
+from .cwac import ChannelSums, Compensation, fit_affine, sigmoid_sq_error
+from .cwac_gate import output_error, sigmoid_logits
 from .graph_io import export_model
 from .passes.fold_compensation import weight_shape
 from .passes.insert_compensation import InsertCompensationPass, compensation_point
@@ -75,7 +79,9 @@ class CwacFit:
 
     def summary(self, n_layers: int) -> dict:
         return {"target": self.target, "compensated": len(self.compensations), "layers": n_layers,
-                "stages": self.stages, "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
+                "stages": self.stages,
+                "score_heads_keep_spread": sum(f.stats.get("fit") == "keep spread" for f in self.layers),
+                "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
                 "full_range_negative_gain_left_alone": self.full_range_left_alone, "fit_s": round(self.seconds, 2)}
 
 
@@ -91,6 +97,7 @@ def layer_report(fit: CwacFit, strategies: dict[str, str]) -> list[dict]:
                      "gain_max": float(comp.gain.max()) if comp is not None else None,
                      "negative_gains": int((comp.gain < 0).sum()) if comp is not None else 0,
                      "heldout_mse_before": f.mse_before, "heldout_mse_after": f.mse_after,
+                     "fit": f.stats.get("fit"),
                      "zero_variance_channels": f.stats.get("zero_variance", 0),
                      "rejected_channels": f.stats.get("rejected_channels", 0)})
     return rows
@@ -123,6 +130,42 @@ def float_point(qnode: gs.Node, fnodes: dict[str, gs.Node]) -> str:
     if producer in fnodes:
         return fnodes[producer].outputs[0].name
     return fnodes[qnode.name].outputs[0].name if qnode.name in fnodes else point.name
+
+
+_DATA_MOVEMENT = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split", "Slice")
+
+
+def score_head_layers(float_model: onnx.ModelProto, fpoints: dict[str, str], feed: dict[str, np.ndarray]) -> set[str]:
+    """The layers whose output is a score head's logits, fitted with ``keep_spread`` (see
+    :mod:`qwt2_onnx.cwac`): their float point reaches the input of a Sigmoid at a graph output through
+    data movement only (reshapes, Concat, Split, Slice).  A Split or Slice may send another layer's
+    values elsewhere (YOLO's heads concatenate box and class channels, then split them again), so where the
+    walk passed one, each candidate is confirmed on ``feed``: every value of its tensor must reappear,
+    copied, in the logits.  ``fpoints``: layer -> its float compensation point."""
+    producer = {o: n for n in float_model.graph.node for o in n.output}
+    layers_at: dict[str, list[str]] = {}
+    for layer, t in fpoints.items():
+        layers_at.setdefault(t, []).append(layer)
+    heads: set[str] = set()
+    for logits in sigmoid_logits(float_model):
+        found, stack, seen, selective = set(), [logits], set(), False
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            node = producer.get(t)
+            if t in layers_at:
+                found.add(t)
+            elif node is not None and node.op_type in _DATA_MOVEMENT:
+                selective |= node.op_type in ("Split", "Slice")
+                stack += list(node.input) if node.op_type == "Concat" else [node.input[0]]
+        if found and selective:
+            names = [logits, *sorted(found)]
+            values = dict(zip(names, make_session(with_outputs(float_model, names), optimized=False).run(names, feed)))
+            found = {t for t in found if np.isin(values[t], values[logits]).all()}
+        heads |= {layer for t in found for layer in layers_at[t]}
+    return heads
 
 
 def _axis(op: str) -> int:
@@ -175,6 +218,8 @@ class _StagedFit:
         fnodes = {n.name: n for n in fgraph.nodes}
         self.fpoints = {name: float_point(nodes[name], fnodes) for name in self.layers}
         self.axes = {lp.node: _axis(lp.op) for lp in plan.layers}
+        self.heads = (score_head_layers(float_model, self.fpoints, next(batches(parts.fit, parts.batch_size))[0])
+                      if cfg.head_fit == "spread" else set())
         InsertCompensationPass(_identity(plan, qgraph))(qgraph)
         self.twins = {}
         if target == "local":
@@ -200,9 +245,9 @@ class _StagedFit:
         with TensorCache(budget) as qcache, TensorCache(budget) as fcache:
             n_batches = self._seed_caches(qcache, fcache)
             for k, names in enumerate(members):
-                sums = self._stage_sums(k, names, q_plan, f_plan, qcache, fcache, n_batches)
+                sums, head_err = self._stage_sums(k, names, q_plan, f_plan, qcache, fcache, n_batches)
                 for name in names:
-                    fit = self._fit_layer(name, k + 1, sums)
+                    fit = self._fit_layer(name, k + 1, sums, head_err.get(name))
                     fits.append(fit)
                     if fit.status == "compensated":
                         comps[name] = fit.stats.pop("compensation")
@@ -225,7 +270,10 @@ class _StagedFit:
                 self.n_fit = b
         return b
 
-    def _stage_sums(self, k, names, q_plan, f_plan, qcache, fcache, n_batches) -> dict[tuple[str, str], ChannelSums]:
+    def _stage_sums(self, k, names, q_plan, f_plan, qcache, fcache, n_batches):
+        """Each layer's channel sums over the fit part and the held-out part, and for score heads their
+        held-out score error without / with the map fitted on the fit part (fitted once the fit part is
+        summed: the fit batches come first)."""
         qseg = q_plan.segments[k]
         qsess = make_session(q_plan.extract(self.umodel, k, qcache.dtypes), optimized=False)
         fsess = fseg = None
@@ -236,7 +284,11 @@ class _StagedFit:
             fsess = make_session(f_plan.extract(self.fmodel, k, fcache.dtypes), optimized=False)
         n_fit = self.n_fit
         sums: dict[tuple[str, str], ChannelSums] = {}
+        head_maps: dict[str, tuple] = {}
+        head_err = {name: [0.0, 0.0] for name in names if name in self.heads}
         for b in range(n_batches):
+            if b == n_fit:
+                head_maps = {name: self._fit_map(name, sums[("fit", name)])[:2] for name in head_err}
             qout = dict(zip(qseg.outputs, qsess.run(list(qseg.outputs), {t: qcache.get(b, t) for t in qseg.inputs})))
             if fsess is not None:
                 fout = dict(zip(fseg.outputs, fsess.run(list(fseg.outputs), {t: fcache.get(b, t) for t in fseg.inputs})))
@@ -250,15 +302,27 @@ class _StagedFit:
                 if key not in sums:
                     sums[key] = ChannelSums(q.shape[self.axes[name]], self.axes[name])
                 sums[key].update(q, f)
+                if name in head_maps:
+                    head_err[name][0] += sigmoid_sq_error(q, f, self.axes[name])
+                    head_err[name][1] += sigmoid_sq_error(q, f, self.axes[name], *head_maps[name])
                 if self.raw[name] in q_plan.last_use:
                     qcache.put(b, self.raw[name], q)
-        return sums
+        return sums, head_err
 
-    def _fit_layer(self, name: str, stage: int, sums) -> LayerFit:
+    def _fit_map(self, name: str, fit_sums: ChannelSums):
+        return fit_affine(fit_sums, self.cfg.lam, self.cfg.max_gain, keep_spread=name in self.heads)
+
+    def _fit_layer(self, name: str, stage: int, sums, head_err: list[float] | None = None) -> LayerFit:
+        """The layer's map, kept if it lowers the layer's held-out error: its logits' MSE, or for a score
+        head (``head_err``: held-out score error without / with the map) its scores' error."""
         fit_sums = sums[("fit", name)]
         hold_sums = sums.get(("hold", name), fit_sums)
-        g, beta, stats = fit_affine(fit_sums, self.cfg.lam, self.cfg.max_gain)
-        before, after = hold_sums.mse(), hold_sums.mse(g, beta)
+        g, beta, stats = self._fit_map(name, fit_sums)
+        if head_err is not None:
+            n = hold_sums.n * hold_sums.channels
+            before, after = head_err[0] / n, head_err[1] / n
+        else:
+            before, after = hold_sums.mse(), hold_sums.mse(g, beta)
         if not after < before:
             return LayerFit(name, stage, "rejected: no held-out improvement", before, after, stats)
         stats["compensation"] = Compensation(name, g, beta, self.axes[name], self.target, dict(stats))

@@ -24,6 +24,17 @@ def gate_tensors(model: onnx.ModelProto) -> list[str]:
     set the output error would rest on one or two samples; the logits carry all of them.  Each model is
     asked separately (another tool may have renamed the logits, e.g. to the output of a
     DequantizeLinear); the lists pair up by position (see :func:`output_error`)."""
+    return [name for name, _ in _output_parts(model)]
+
+
+def sigmoid_logits(model: onnx.ModelProto) -> list[str]:
+    """The gate tensors that are the input of a Sigmoid whose output is (part of) a graph output: the
+    logits of scores read against a threshold (a detector's class scores, a probability map)."""
+    return [name for name, op in _output_parts(model) if op == "Sigmoid"]
+
+
+def _output_parts(model: onnx.ModelProto) -> list[tuple[str, str | None]]:
+    """(tensor, the Softmax / Sigmoid op it is the input of, else None) for each part of each graph output."""
     producer = {o: n for n in model.graph.node for o in n.output}
 
     def through_shape_ops(t: str) -> str:
@@ -39,19 +50,21 @@ def gate_tensors(model: onnx.ModelProto) -> list[str]:
             t = through_shape_ops(producer[producer[t].input[0]].input[0])
         return t
 
-    def logits(t: str) -> str:
+    def part(t: str) -> tuple[str, str | None]:
         # a tool that quantizes the probabilities too (onnxruntime does) ends the graph in Softmax → Q → DQ
         u = under_requantization(t)
-        return producer[u].input[0] if u in producer and producer[u].op_type in _SATURATING else through_shape_ops(t)
+        if u in producer and producer[u].op_type in _SATURATING:
+            return producer[u].input[0], producer[u].op_type
+        return through_shape_ops(t), None
 
-    names = []
+    parts = []
     for out in model.graph.output:
         t = under_requantization(out.name)
         if t in producer and producer[t].op_type == "Concat":
-            names += [logits(i) for i in producer[t].input]
+            parts += [part(i) for i in producer[t].input]
         else:
-            names.append(logits(out.name))
-    return names
+            parts.append(part(out.name))
+    return parts
 
 
 def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> float:

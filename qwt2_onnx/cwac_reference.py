@@ -12,8 +12,8 @@ import onnx_graphsurgeon as gs
 
 from .calib_data import CalibrationSet
 from .config import CwacConfig
-from .cwac import ChannelSums, Compensation, fit_affine
-from .cwac_fit import _axis, _Parts, _unfused, layer_stages
+from .cwac import ChannelSums, Compensation, fit_affine, sigmoid_sq_error
+from .cwac_fit import _axis, _Parts, _unfused, layer_stages, score_head_layers
 from .passes.insert_compensation import compensation_point
 from .policy import QuantPlan
 from .runtime import batches, make_session, with_outputs
@@ -31,6 +31,8 @@ def prefix_staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     points = {name: compensation_point(nodes[name]).name for name in layers}
     axes = {lp.node: _axis(lp.op) for lp in plan.layers}
     parts = _Parts.split(data, cfg, batch_size)
+    heads = (score_head_layers(float_model, points, next(batches(parts.fit, parts.batch_size))[0])
+             if cfg.head_fit == "spread" else set())
     comps: dict[str, Compensation] = {}
     for s in range(1, max(stages.values(), default=0) + 1):
         members = [n for n in layers if stages[n] == s]
@@ -38,13 +40,21 @@ def prefix_staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
         qs = make_session(with_outputs(_unfused(qmodel, comps) if comps else qmodel, outs), optimized=False)
         fs = make_session(with_outputs(float_model, outs), optimized=False)  # as staged_fit: same float32 sums
         sums: dict[tuple[str, str], ChannelSums] = {}
+        maps, head_err = {}, {name: [0.0, 0.0] for name in members if name in heads}
         for part, part_data in (("fit", parts.fit), ("hold", parts.hold)):
+            if part == "hold":
+                maps = {name: fit_affine(sums[("fit", name)], cfg.lam, cfg.max_gain, keep_spread=name in heads)
+                        for name in members}
             for feed, _ in batches(part_data, parts.batch_size):
                 for name, q, f in zip(members, qs.run(outs, feed), fs.run(outs, feed)):
                     sums.setdefault((part, name), ChannelSums(q.shape[axes[name]], axes[name])).update(q, f)
+                    if part == "hold" and name in heads:
+                        head_err[name][0] += sigmoid_sq_error(q, f, axes[name])
+                        head_err[name][1] += sigmoid_sq_error(q, f, axes[name], *maps[name][:2])
         for name in members:
-            g, beta, stats = fit_affine(sums[("fit", name)], cfg.lam, cfg.max_gain)
+            g, beta, stats = maps[name]
             hold = sums[("hold", name)]
-            if hold.mse(g, beta) < hold.mse():
+            better = head_err[name][1] < head_err[name][0] if name in heads else hold.mse(g, beta) < hold.mse()
+            if better:
                 comps[name] = Compensation(name, g, beta, axes[name], "global", stats)
     return comps

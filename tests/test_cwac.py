@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from tiny_models import conv_net
+from tiny_models import conv_net, sigmoid_head_net
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.calib_data import CalibrationSet, InputSpec
 from qwt2_onnx.config import CwacConfig
 from qwt2_onnx.cwac import ChannelSums, fit_affine
-from qwt2_onnx.cwac_fit import staged_fit
+from qwt2_onnx.cwac_fit import score_head_layers, staged_fit
 from qwt2_onnx.cwac_reference import prefix_staged_fit
 from qwt2_onnx.equivalence import check_fold
 from qwt2_onnx.errors import QwtError
@@ -61,8 +61,65 @@ def test_lambda_shrinks_gain_toward_one():
     assert np.all(np.abs(g1 - 1) < np.abs(g0 - 1))
 
 
-def _compiled(tmp_path, wbits=4, n=24, seed=0):
-    onnx.save(conv_net(seed=seed), tmp_path / "m.onnx")
+def test_keep_spread_matches_the_targets_mean_and_variance():
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(2000, 2)) * np.array([2.0, 1.0])
+    q = f * np.array([0.8, -1.0]) + rng.normal(0, 1.0, size=f.shape)  # noisy; channel 1 anti-correlated
+    q, f = q.astype(np.float32), f.astype(np.float32)
+    g, beta, stats = fit_affine(_sums(q, f), keep_spread=True)
+    y = q * g + beta
+    np.testing.assert_allclose(y.mean(0), f.mean(0), atol=1e-4)
+    np.testing.assert_allclose(y.std(0), f.std(0), rtol=1e-4)
+    g_ls, _, _ = fit_affine(_sums(q, f))
+    assert g[1] < 0 and np.all(np.abs(g) > np.abs(g_ls))  # least squares shrinks, the spread fit does not
+    assert stats["fit"] == "keep spread"
+
+
+def test_keep_spread_keeps_rare_positives_above_the_threshold():
+    """A score channel that is background (logit −8) but for 2 % of positions (logit +1), read through
+    noise (correlation 0.9): least squares shrinks the distance from the background by the correlation
+    squared and loses most positives at σ > 0.5; the spread fit shrinks it by the correlation and keeps
+    most of them."""
+    rng = np.random.default_rng(4)
+    f = np.where(rng.random((20000, 1)) < 0.02, 1.0, -8.0) + rng.normal(0, 0.3, (20000, 1))
+    q = 0.7 * f - 1.0 + rng.normal(0, 0.4, f.shape)
+    q, f = q.astype(np.float32), f.astype(np.float32)
+    above = {}
+    for keep in (False, True):
+        g, beta, _ = fit_affine(_sums(q, f), keep_spread=keep)
+        above[keep] = int(np.sum(q * g + beta > 0))
+    float_above = int(np.sum(f > 0))
+    assert above[False] < 0.5 * float_above < above[True] < 1.5 * float_above, (above, float_above)
+
+
+def test_score_heads_are_the_layers_under_an_output_sigmoid():
+    """Through Concat → Reshape → Split: the class conv is a head, the box conv (split off before the
+    Sigmoid) and the stem are not; a graph without a Sigmoid output has none."""
+    m = sigmoid_head_net()
+    feed = {"x": np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)}
+    points = {n.name: n.output[0] for n in m.graph.node if n.op_type == "Conv"}
+    assert score_head_layers(m, points, feed) == {"cls_conv"}
+    c = conv_net()
+    points = {n.name: n.output[0] for n in c.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    assert score_head_layers(c, points, {"x": feed["x"]}) == set()
+
+
+def test_score_head_fit_is_recorded_and_lsq_turns_it_off(tmp_path):
+    onnx.save(sigmoid_head_net(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(24)]
+    fits = {}
+    for head_fit in ("spread", "lsq"):
+        cfg = CompileConfig(quant=QuantConfig(wbits=4), cwac=CwacConfig(target="global", head_fit=head_fit),
+                            holdout_samples=0)
+        res = compile_model(tmp_path / "m.onnx", calib, tmp_path / f"{head_fit}.onnx", cfg, measure=False)
+        fits[head_fit] = {f.layer: f.stats["fit"] for f in res.cwac.layers}
+    assert fits["spread"] == {"stem": "least squares", "box_conv": "least squares", "cls_conv": "keep spread"}
+    assert set(fits["lsq"].values()) == {"least squares"}
+
+
+def _compiled(tmp_path, wbits=4, n=24, seed=0, model=None):
+    onnx.save(model or conv_net(seed=seed), tmp_path / "m.onnx")
     rng = np.random.default_rng(seed)
     calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
     cfg = CompileConfig(quant=QuantConfig(wbits=wbits), cwac=CwacConfig(enabled=False), holdout_samples=0)
@@ -80,6 +137,20 @@ def test_segment_cached_fit_equals_whole_prefix_reruns(tmp_path, wbits):
     assert set(comps) == set(ref) and ref, (set(comps), set(ref))
     for name, comp in ref.items():
         np.testing.assert_array_equal(comps[name].gain, comp.gain)  # same float32 arithmetic: bit-identical
+        np.testing.assert_array_equal(comps[name].bias, comp.bias)
+
+
+def test_segment_cached_fit_equals_whole_prefix_reruns_with_a_score_head(tmp_path):
+    """The score head's spread fit and its held-out gate in score space, both protocols."""
+    res, calib = _compiled(tmp_path, wbits=4, model=sigmoid_head_net())
+    cfg = CwacConfig(target="global")
+    data = CalibrationSet(lambda: iter(calib), InputSpec.from_model(res.float_model), "test", len(calib))
+    comps, fits = staged_fit(res.float_model, res.plain_model, res.plan, data, "global", cfg, batch_size=4)
+    ref = prefix_staged_fit(res.float_model, res.plain_model, res.plan, data, cfg, batch_size=4)
+    assert {f.layer: f.stats["fit"] for f in fits}["cls_conv"] == "keep spread"
+    assert set(comps) == set(ref) and "cls_conv" in ref, (set(comps), set(ref))
+    for name, comp in ref.items():
+        np.testing.assert_array_equal(comps[name].gain, comp.gain)
         np.testing.assert_array_equal(comps[name].bias, comp.bias)
 
 

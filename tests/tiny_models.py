@@ -79,3 +79,35 @@ def matmul_add(k: int = 6, n: int = 4) -> onnx.ModelProto:
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     return m
+
+
+def sigmoid_head_net(seed: int = 0) -> onnx.ModelProto:
+    """A YOLO-like head: box and class convs joined, reshaped, split again; only the class part is scored::
+
+        x[N,3,8,8] ─► Conv(stem) ─► Relu ─┬─► Conv(box, 4 ch) ─┐
+                                          └─► Conv(cls, 3 ch) ─┴─► Concat ─► Reshape[N,7,64] ─► Split[4,3]
+        y[N,7,64] ◄── Concat(box part, Sigmoid(class part)) ◄──────────────────────────────────────┘
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "ws", "bs"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["s"], ["sr"], name="relu"),
+        helper.make_node("Conv", ["sr", "wb", "bb"], ["box"], name="box_conv"),
+        helper.make_node("Conv", ["sr", "wc", "bc"], ["cls"], name="cls_conv"),
+        helper.make_node("Concat", ["box", "cls"], ["bc_cat"], name="cat", axis=1),
+        helper.make_node("Reshape", ["bc_cat", "shape"], ["flat"], name="reshape"),
+        helper.make_node("Split", ["flat", "split"], ["box_part", "cls_part"], name="split", axis=1),
+        helper.make_node("Sigmoid", ["cls_part"], ["scores"], name="sigmoid"),
+        helper.make_node("Concat", ["box_part", "scores"], ["y"], name="out", axis=1),
+    ]
+    inits = [_f32("ws", rng.normal(size=(8, 3, 3, 3)) * 0.5), _f32("bs", rng.normal(size=8)),
+             _f32("wb", rng.normal(size=(4, 8, 1, 1))), _f32("bb", rng.normal(size=4)),
+             _f32("wc", rng.normal(size=(3, 8, 1, 1))), _f32("bc", np.full(3, -3.0)),
+             numpy_helper.from_array(np.array([0, 7, 64], np.int64), "shape"),
+             numpy_helper.from_array(np.array([4, 3], np.int64), "split")]
+    g = helper.make_graph(nodes, "sigmoid_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7, 64])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
