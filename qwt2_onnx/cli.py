@@ -68,8 +68,9 @@ def main(verbose: int) -> None:
 @click.option("--cwac-target", type=click.Choice(["auto", "global", "local"]), default="auto", show_default=True,
               help="CWAC fit target; auto fits both and keeps the one with the lower held-out output error.")
 @click.option("--cwac-head-fit", type=click.Choice(["spread", "lsq"]), default="spread", show_default=True,
-              help="Score heads (logits of a Softmax / Sigmoid output): keep the float logits' spread, or fit by "
-                   "least squares like every other layer (which shrinks them toward the background).")
+              help="Score heads (layers whose output is the logits of a Sigmoid graph output): keep the float "
+                   "logits' spread, or fit by least squares like every other layer (which shrinks them "
+                   "toward the background).")
 @click.option("--cwac-lambda", type=float, default=0.0, show_default=True, help="Shrink CWAC gains toward 1.")
 @click.option("--cwac-cache-mib", type=int, default=None, metavar="MIB",
               help="In-memory budget of each of the CWAC fit's two caches of stage-boundary tensors; beyond it "

@@ -85,7 +85,7 @@ class CwacConfig:
     with the lower held-out output error).  ``lam`` shrinks gains toward 1;
     ``max_gain`` bounds |g| (channels beyond it are left alone);
     ``holdout_fraction`` of the calibration samples judge every fit.
-    ``head_fit``: ``spread`` fits score heads (the logits of a Softmax / Sigmoid
+    ``head_fit``: ``spread`` fits score heads (the logits of a Sigmoid
     at a graph output) to keep the float logits' mean and variance, ``lsq`` by
     least squares like every other layer (see ``cwac``).
     ``params``: fold these instead of fitting (``--cwac-params``).

@@ -11,22 +11,22 @@ per channel (N, Σq, Σf, Σq², Σqf), accumulated in float64 batch by batch::
 
     g_c = (cov(q,f) + λ) / (var(q) + λ)        β_c = mean(f) − g_c·mean(q)
 
-A layer whose output is a score head's logits (it reaches a Sigmoid / Softmax
-at a graph output through data movement only: YOLO's class convs, a
-classifier's last Gemm, a text detector's probability-map layer) is fitted to
-keep the target's spread instead (``keep_spread``)::
+A layer whose output is a score head's logits (it reaches a Sigmoid at a
+graph output through data movement only: YOLO's class convs, a text
+detector's probability-map layer) is fitted to keep the target's spread
+instead (``keep_spread``)::
 
     g_c = sign(cov(q,f)) · sqrt((var(f) + λ) / (var(q) + λ))    β_c as above
 
-Least squares returns E[f | q]: where q is noisy it shrinks toward the mean,
-and a score head's mean is the background.  Every true positive's logit is
-pulled down, and a downstream threshold (or an argmax between classes with
-different shrinkage) loses it: on YOLOv8n W4A8 the positives' logits sat 1.9
-below the float ones with least squares, 0.7 with the spread kept.  Matching
-mean and variance keeps the share of positions above any threshold close to
-the float model's (docs/CWAC.md has the measurements).  Such a head's held-out
-gate compares scores, σ(g·q + β) against σ(f) (:func:`sigmoid_sq_error`), not
-logits.
+Least squares returns E[f | q]: where q is noisy (correlation ρ with f) it
+shrinks every logit's distance from the channel mean by ρ², and a score head's
+mean is the background, far below the threshold the scores are read against.
+True positives are pulled down and lost.  The spread fit shrinks that distance
+by ρ only: on YOLOv8n W4A8 the positives' logits sat 1.9 below the float ones
+with least squares, 0.7 with the spread kept (docs/CWAC.md has the task
+metrics).  Such a head's held-out gate compares scores, σ(g·q + β) against
+σ(f) (:func:`sigmoid_sq_error`), not logits: the logits' squared error is the
+background's, which least squares minimises by construction.
 
 Guards: a zero-variance channel gets g = 1, β = mean(f − q); a non-finite gain
 or one outside ``[-max_gain, max_gain]`` leaves the channel alone (g = 1,

@@ -16,7 +16,7 @@ Targets (f in the least-squares fit of :mod:`qwt2_onnx.cwac`):
   layer's own weight (and bias) quantization error;
 * ``auto`` (default): fit both and keep the one with the lower output error.
 
-Score heads (layers whose output is the logits of a Softmax / Sigmoid at a
+Score heads (layers whose output is the logits of a Sigmoid at a
 graph output) are fitted to keep the float logits' spread rather than by
 least squares (``CwacConfig.head_fit``; why in :mod:`qwt2_onnx.cwac`).
 

@@ -239,6 +239,8 @@ def test_cwac_config_errors():
         CwacConfig(target="everything")
     with pytest.raises(QwtError, match="held-out"):
         dataclasses.replace(CwacConfig(), holdout_fraction=1.5)
+    with pytest.raises(QwtError, match="unknown CWAC head fit .mse."):
+        CwacConfig(head_fit="mse")
 
 
 def test_unfoldable_compensation_is_left_out_of_both_graphs(tmp_path):
