@@ -109,14 +109,15 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
                            exclude_names=tuple(exclude), exclude_op_types=tuple(exclude_op))
         config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples,
                                                                     str(act_ranges) if act_ranges else None),
-                               cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, head_fit=cwac_head_fit, lam=cwac_lambda,
-                                               params=str(cwac_params) if cwac_params else None,
+                               cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, head_fit=cwac_head_fit,
+                                               lam=cwac_lambda, params=str(cwac_params) if cwac_params else None,
                                                **({} if cwac_cache_mib is None else {"cache_mib": cwac_cache_mib})),
                                simplify=not no_simplify, check=not no_check,
                                external_data_above=external_data_above)
-        if no_cwac and (cwac_target != "auto" or cwac_head_fit != "spread" or cwac_lambda != 0.0 or emit_unfused or cwac_cache_mib is not None):
-            click.echo("warning: --cwac-target / --cwac-head-fit / --cwac-lambda / --cwac-cache-mib / --emit-unfused have no effect "
-                       "with --no-cwac", err=True)
+        if no_cwac and (cwac_target != "auto" or cwac_head_fit != "spread" or cwac_lambda != 0.0 or emit_unfused
+                        or cwac_cache_mib is not None):
+            click.echo("warning: --cwac-target / --cwac-head-fit / --cwac-lambda / --cwac-cache-mib / --emit-unfused "
+                       "have no effect with --no-cwac", err=True)
         if calib_method != "percentile" and percentile != 99.99:
             click.echo("warning: --percentile has no effect unless --calib-method percentile", err=True)
         pre = None

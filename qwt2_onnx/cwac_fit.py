@@ -44,7 +44,7 @@ import onnx_graphsurgeon as gs
 from .calib_data import CalibrationSet
 from .config import CwacConfig
 from .cwac import ChannelSums, Compensation, fit_affine, sigmoid_sq_error
-from .cwac_gate import output_error, sigmoid_logits
+from .cwac_gate import SHAPE_ONLY, output_error, sigmoid_logits
 from .graph_io import export_model
 from .passes.fold_compensation import weight_shape
 from .passes.insert_compensation import InsertCompensationPass, compensation_point
@@ -132,7 +132,7 @@ def float_point(qnode: gs.Node, fnodes: dict[str, gs.Node]) -> str:
     return fnodes[qnode.name].outputs[0].name if qnode.name in fnodes else point.name
 
 
-_DATA_MOVEMENT = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split", "Slice")
+_DATA_MOVEMENT = SHAPE_ONLY + ("Concat", "Split", "Slice")
 
 
 def score_head_layers(float_model: onnx.ModelProto, fpoints: dict[str, str], feed: dict[str, np.ndarray]) -> set[str]:
@@ -245,9 +245,9 @@ class _StagedFit:
         with TensorCache(budget) as qcache, TensorCache(budget) as fcache:
             n_batches = self._seed_caches(qcache, fcache)
             for k, names in enumerate(members):
-                sums, head_err = self._stage_sums(k, names, q_plan, f_plan, qcache, fcache, n_batches)
+                maps, hold, head_err = self._stage_fit(k, names, q_plan, f_plan, qcache, fcache, n_batches)
                 for name in names:
-                    fit = self._fit_layer(name, k + 1, sums, head_err.get(name))
+                    fit = self._judge(name, k + 1, maps[name], hold[name], head_err.get(name))
                     fits.append(fit)
                     if fit.status == "compensated":
                         comps[name] = fit.stats.pop("compensation")
@@ -270,10 +270,10 @@ class _StagedFit:
                 self.n_fit = b
         return b
 
-    def _stage_sums(self, k, names, q_plan, f_plan, qcache, fcache, n_batches):
-        """Each layer's channel sums over the fit part and the held-out part, and for score heads their
-        held-out score error without / with the map fitted on the fit part (fitted once the fit part is
-        summed: the fit batches come first)."""
+    def _stage_fit(self, k, names, q_plan, f_plan, qcache, fcache, n_batches):
+        """Each layer's map (``fit_affine``'s result), fitted on the fit part's channel sums as soon as the
+        fit batches (which come first) are summed; its channel sums over the held-out part; and for score
+        heads their held-out score error without / with the map."""
         qseg = q_plan.segments[k]
         qsess = make_session(q_plan.extract(self.umodel, k, qcache.dtypes), optimized=False)
         fsess = fseg = None
@@ -284,11 +284,12 @@ class _StagedFit:
             fsess = make_session(f_plan.extract(self.fmodel, k, fcache.dtypes), optimized=False)
         n_fit = self.n_fit
         sums: dict[tuple[str, str], ChannelSums] = {}
-        head_maps: dict[str, tuple] = {}
+        maps: dict[str, tuple] = {}
         head_err = {name: [0.0, 0.0] for name in names if name in self.heads}
         for b in range(n_batches):
             if b == n_fit:
-                head_maps = {name: self._fit_map(name, sums[("fit", name)])[:2] for name in head_err}
+                maps = {name: fit_affine(sums[("fit", name)], self.cfg.lam, self.cfg.max_gain,
+                                         keep_spread=name in self.heads) for name in names}
             qout = dict(zip(qseg.outputs, qsess.run(list(qseg.outputs), {t: qcache.get(b, t) for t in qseg.inputs})))
             if fsess is not None:
                 fout = dict(zip(fseg.outputs, fsess.run(list(fseg.outputs), {t: fcache.get(b, t) for t in fseg.inputs})))
@@ -302,22 +303,18 @@ class _StagedFit:
                 if key not in sums:
                     sums[key] = ChannelSums(q.shape[self.axes[name]], self.axes[name])
                 sums[key].update(q, f)
-                if name in head_maps:
+                if name in head_err and b >= n_fit:
                     head_err[name][0] += sigmoid_sq_error(q, f, self.axes[name])
-                    head_err[name][1] += sigmoid_sq_error(q, f, self.axes[name], *head_maps[name])
+                    head_err[name][1] += sigmoid_sq_error(q, f, self.axes[name], *maps[name][:2])
                 if self.raw[name] in q_plan.last_use:
                     qcache.put(b, self.raw[name], q)
-        return sums, head_err
+        return maps, {name: sums[("hold", name)] for name in names}, head_err
 
-    def _fit_map(self, name: str, fit_sums: ChannelSums):
-        return fit_affine(fit_sums, self.cfg.lam, self.cfg.max_gain, keep_spread=name in self.heads)
-
-    def _fit_layer(self, name: str, stage: int, sums, head_err: list[float] | None = None) -> LayerFit:
-        """The layer's map, kept if it lowers the layer's held-out error: its logits' MSE, or for a score
-        head (``head_err``: held-out score error without / with the map) its scores' error."""
-        fit_sums = sums[("fit", name)]
-        hold_sums = sums.get(("hold", name), fit_sums)
-        g, beta, stats = self._fit_map(name, fit_sums)
+    def _judge(self, name: str, stage: int, fitted: tuple, hold_sums: ChannelSums,
+               head_err: list[float] | None = None) -> LayerFit:
+        """Keep the layer's fitted map if it lowers the layer's held-out error: its output's MSE, or for a
+        score head (``head_err``: held-out score error without / with the map) its scores' error."""
+        g, beta, stats = fitted
         if head_err is not None:
             n = hold_sums.n * hold_sums.channels
             before, after = head_err[0] / n, head_err[1] / n

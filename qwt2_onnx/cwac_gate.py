@@ -13,7 +13,7 @@ from .calib_data import CalibrationSet
 from .runtime import batches, make_session, with_outputs
 
 _SATURATING = ("Softmax", "Sigmoid", "LogSoftmax")
-_SHAPE_ONLY = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+SHAPE_ONLY = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 
 
 def gate_tensors(model: onnx.ModelProto) -> list[str]:
@@ -38,7 +38,7 @@ def _output_parts(model: onnx.ModelProto) -> list[tuple[str, str | None]]:
     producer = {o: n for n in model.graph.node for o in n.output}
 
     def through_shape_ops(t: str) -> str:
-        while t in producer and producer[t].op_type in _SHAPE_ONLY:
+        while t in producer and producer[t].op_type in SHAPE_ONLY:
             t = producer[t].input[0]
         return t
 
