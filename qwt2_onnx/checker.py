@@ -163,12 +163,14 @@ def deployed_comparison(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: 
         for o in outputs:
             acc[o].update(s[o], d[o])
         for c, (_, src) in codes.items():
-            diff = np.abs(d[c].astype(np.int32) - s[c].astype(np.int32))
-            for v, k in zip(*np.unique(diff, return_counts=True)):
-                hist[int(v)] = hist.get(int(v), 0) + int(k)
-            if q_scales[c]:
-                frac = np.abs(np.mod(s[src].astype(np.float64) / q_scales[c], 1.0) - 0.5)
-                ties += int(np.count_nonzero((diff > 0) & (frac < 1e-3)))
+            diff = np.abs(d[c].astype(np.int32) - s[c].astype(np.int32)).ravel()
+            for v, k in enumerate(np.bincount(diff)):
+                if k:
+                    hist[v] = hist.get(v, 0) + int(k)
+            moved = np.flatnonzero(diff)
+            if q_scales[c] and moved.size:
+                frac = np.abs(np.mod(s[src].ravel()[moved].astype(np.float64) / q_scales[c], 1.0) - 0.5)
+                ties += int(np.count_nonzero(frac < 1e-3))
     outs = {o: a.result(scales.get(o)) for o, a in acc.items()}
     return Comparison("fused (deployed: onnxruntime integer kernels) vs unfused (float simulation)", names[0],
                       names[1], outs, {}, [],

@@ -18,6 +18,24 @@ HIST_EDGES = np.logspace(-12, 6, 181)
 STATISTICS = ("max", "p99", "mean")
 
 
+def histogram_bins(e: np.ndarray) -> np.ndarray:
+    """Counts of ``e`` (|Δ| ≥ 0, float64) per HIST_EDGES bin: exactly
+    ``bincount(searchsorted(HIST_EDGES, e, side="right"))``, about twice as fast.  A float32 log10 puts
+    each value within one bin of its own (the bins are 0.1 decades wide), one comparison with each
+    neighbouring edge settles it; NaN lands in the last bin, as searchsorted sorts it."""
+    last = len(HIST_EDGES) - 1
+    counts = np.zeros(len(HIST_EDGES) + 1, np.int64)
+    v = e[e >= HIST_EDGES[0]]
+    nan = int(np.count_nonzero(np.isnan(e)))
+    counts[0], counts[-1] = e.size - v.size - nan, nan
+    with np.errstate(over="ignore"):
+        j = ((np.log10(np.minimum(v, 1e30).astype(np.float32)) + np.float32(12)) * np.float32(10)).astype(np.intp)
+    np.clip(j, 0, last, out=j)
+    j -= v < HIST_EDGES[j]
+    j += (v >= HIST_EDGES[np.minimum(j + 1, last)]) & (j < last)
+    return counts + np.bincount(j + 1, minlength=len(counts))
+
+
 @dataclasses.dataclass
 class DiffStats:
     """How far ``candidate`` is from ``reference`` (one tensor, or a named part of one)."""
@@ -76,7 +94,7 @@ class DiffAccumulator:
         self.sum_cand2 += float(cf @ cf)
         self.sum_err2 += float(e.ravel() @ e.ravel())
         self.sum_dot += float(rf @ cf)
-        self.hist += np.bincount(np.searchsorted(HIST_EDGES, e.ravel(), side="right"), minlength=len(self.hist))
+        self.hist += histogram_bins(e.ravel())
 
     def result(self, lsb_scale: float | None = None) -> DiffStats:
         den = np.sqrt(self.sum_ref2 * self.sum_cand2)

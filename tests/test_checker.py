@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.cli import main
 from qwt2_onnx.config import CwacConfig
-from qwt2_onnx.diffstats import DiffAccumulator, Tolerance, Verdict
+from qwt2_onnx.diffstats import HIST_EDGES, DiffAccumulator, Tolerance, Verdict, histogram_bins
 from tiny_models import conv_net
 
 SCHEMA = json.loads(resources.files("qwt2_onnx").joinpath("data/check_report.schema.json").read_text())
@@ -137,6 +137,19 @@ def test_verdict_minimum_tolerance_would_pass():
     assert not v.passed and abs(v.min_atol - 0.1) < 1e-12
     assert Verdict.judge(s, Tolerance(atol=v.min_atol, rtol=0.0)).passed
     assert Verdict.judge(s, Tolerance(atol=0.01, rtol=v.min_rtol)).passed
+
+
+def test_histogram_bins_equal_a_sorted_search_at_every_edge():
+    """The fast |Δ| binning is exact: values on, just below and just above every edge, zeros, tiny,
+    huge, inf and NaN land where a binary search over the edges puts them."""
+    rng = np.random.default_rng(0)
+    edges = np.concatenate([HIST_EDGES, np.nextafter(HIST_EDGES, 0), np.nextafter(HIST_EDGES, np.inf)])
+    e = np.concatenate([edges, 10.0 ** rng.uniform(-14, 8, 20000), np.zeros(7),
+                        [5e-324, 1e-13, 1e7, 1e300, np.inf, np.nan, np.nan]])
+    want = np.bincount(np.searchsorted(HIST_EDGES, e, side="right"), minlength=len(HIST_EDGES) + 1)
+    got = histogram_bins(e)
+    assert got.sum() == e.size and got[0] >= 10 and got[-1] >= 5  # zeros and tiny; 1e7, 1e300, inf, NaN
+    np.testing.assert_array_equal(got, want)
 
 
 def test_compile_report_is_deterministic_but_for_its_timestamp(compiled, tmp_path):
