@@ -71,6 +71,10 @@ def main(verbose: int) -> None:
               help="Score heads (layers whose output is the logits of a Sigmoid graph output): keep the float "
                    "logits' spread, or fit by least squares like every other layer (which shrinks them "
                    "toward the background).")
+@click.option("--cwac-position-mask", default=None, metavar="INPUT",
+              help="A [batch, seq] attention-mask input (nonzero = a real token): CWAC's statistics and gates "
+                   "count only real positions of per-token tensors ([batch, seq, ..., channels] or "
+                   "[batch·seq, ..., channels]), not padding.")
 @click.option("--cwac-lambda", type=float, default=0.0, show_default=True, help="Shrink CWAC gains toward 1.")
 @click.option("--cwac-cache-mib", type=int, default=None, metavar="MIB",
               help="In-memory budget of each of the CWAC fit's two caches of stage-boundary tensors; beyond it "
@@ -90,7 +94,7 @@ def main(verbose: int) -> None:
 @click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
 def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abits, full_range_weights,
                 calib_method, percentile, batch_size, max_samples, exclude, exclude_op, float_model, cwac_params, act_ranges,
-                no_cwac, cwac_target, cwac_head_fit,
+                no_cwac, cwac_target, cwac_head_fit, cwac_position_mask,
                 cwac_lambda, cwac_cache_mib, emit_unfused, no_check, no_simplify, external_data_above,
                 image_size, layout, mean, std, scale, channel_order) -> None:
     """Compile MODEL (float ONNX) into a QDQ model.  Without MODEL: the embedded digits CNN."""
@@ -111,13 +115,14 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
                                                                     str(act_ranges) if act_ranges else None),
                                cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, head_fit=cwac_head_fit,
                                                lam=cwac_lambda, params=str(cwac_params) if cwac_params else None,
+                                               position_mask=cwac_position_mask,
                                                **({} if cwac_cache_mib is None else {"cache_mib": cwac_cache_mib})),
                                simplify=not no_simplify, check=not no_check,
                                external_data_above=external_data_above)
         if no_cwac and (cwac_target != "auto" or cwac_head_fit != "spread" or cwac_lambda != 0.0 or emit_unfused
-                        or cwac_cache_mib is not None):
-            click.echo("warning: --cwac-target / --cwac-head-fit / --cwac-lambda / --cwac-cache-mib / --emit-unfused "
-                       "have no effect with --no-cwac", err=True)
+                        or cwac_cache_mib is not None or cwac_position_mask):
+            click.echo("warning: --cwac-target / --cwac-head-fit / --cwac-position-mask / --cwac-lambda / "
+                       "--cwac-cache-mib / --emit-unfused have no effect with --no-cwac", err=True)
         if calib_method != "percentile" and percentile != 99.99:
             click.echo("warning: --percentile has no effect unless --calib-method percentile", err=True)
         pre = None

@@ -89,6 +89,11 @@ class CwacConfig:
     at a graph output) to keep the float logits' mean and variance, ``lsq`` by
     least squares like every other layer (see ``cwac``).
     ``params``: fold these instead of fitting (``--cwac-params``).
+    ``position_mask``: the name of a [batch, seq] graph input (an attention
+    mask: nonzero = a real token); the fit's statistics and its gates then
+    count only real positions of every tensor laid out [batch, seq, ...,
+    channels] or [batch·seq, ..., channels] (``cwac.real_positions``), so
+    padding does not steer the fit.
     ``cache_mib``: in-memory budget of each of the fit's two stage-boundary caches
     (``segments.TensorCache``); tensors beyond it go to a temporary folder.
     """
@@ -100,6 +105,7 @@ class CwacConfig:
     holdout_fraction: float = 0.25
     head_fit: HeadFit = "spread"
     params: str | None = None  # .npz of compensation fitted elsewhere ('<weight>:gain', '<weight>:bias')
+    position_mask: str | None = None
     cache_mib: int = 64
 
     def __post_init__(self) -> None:

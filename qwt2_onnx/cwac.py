@@ -83,6 +83,24 @@ class ChannelSums:
         return float(np.sum(per) / (self.n * self.channels))
 
 
+def real_positions(mask: np.ndarray | None, axis: int, *tensors: np.ndarray) -> tuple[int, tuple[np.ndarray, ...]]:
+    """(axis, ``tensors``) restricted to the positions ``mask`` ([batch, seq], nonzero = a real token)
+    marks, for tensors whose channel ``axis`` is the last and that are laid out per token: [batch, seq,
+    ..., channels], or [batch·seq, ..., channels] (tokens flattened row-major, as exporters reshape a
+    linear layer's input to 2-D).  Each becomes [real positions, ..., channels]; the channel axis stays
+    last.  Anything else (no mask, a Conv's [batch, channels, ...], other leading dims) comes back
+    unchanged."""
+    t = tensors[0]
+    if mask is None or t.ndim < 2 or axis % t.ndim != t.ndim - 1:
+        return axis, tensors
+    keep = mask != 0
+    if t.ndim >= 3 and t.shape[:2] == mask.shape:
+        return -1, tuple(x[keep] for x in tensors)
+    if t.shape[0] == mask.size:
+        return -1, tuple(x[keep.ravel()] for x in tensors)
+    return axis, tensors
+
+
 def sigmoid_sq_error(q: np.ndarray, f: np.ndarray, axis: int, gain=None, bias=None) -> float:
     """Σ (σ(g·q + β) − σ(f))² (g = 1, β = 0 when not given; per channel on ``axis``): a score head's error
     where its scores are read.  Least squares on the logits would judge a head by its background, whose

@@ -43,8 +43,9 @@ import onnx_graphsurgeon as gs
 
 from .calib_data import CalibrationSet
 from .config import CwacConfig
-from .cwac import ChannelSums, Compensation, fit_affine, sigmoid_sq_error
+from .cwac import ChannelSums, Compensation, fit_affine, real_positions, sigmoid_sq_error
 from .cwac_gate import SHAPE_ONLY, output_error, sigmoid_logits
+from .errors import QwtError
 from .graph_io import export_model
 from .passes.fold_compensation import weight_shape
 from .passes.insert_compensation import InsertCompensationPass, compensation_point
@@ -81,6 +82,7 @@ class CwacFit:
         return {"target": self.target, "compensated": len(self.compensations), "layers": n_layers,
                 "stages": self.stages,
                 "score_heads_keep_spread": sum(f.stats.get("fit") == "keep spread" for f in self.layers),
+                "real_positions_only": sum(bool(f.stats.get("real_positions_only")) for f in self.layers),
                 "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
                 "full_range_negative_gain_left_alone": self.full_range_left_alone, "fit_s": round(self.seconds, 2)}
 
@@ -218,6 +220,8 @@ class _StagedFit:
         fnodes = {n.name: n for n in fgraph.nodes}
         self.fpoints = {name: float_point(nodes[name], fnodes) for name in self.layers}
         self.axes = {lp.node: _axis(lp.op) for lp in plan.layers}
+        self.masks: dict[int, np.ndarray] = {}  # batch -> cfg.position_mask's value
+        self.masked: set[str] = set()  # layers whose statistics counted real positions only
         self.heads = (score_head_layers(float_model, self.fpoints, next(batches(parts.fit, parts.batch_size))[0])
                       if cfg.head_fit == "spread" else set())
         InsertCompensationPass(_identity(plan, qgraph))(qgraph)
@@ -262,6 +266,8 @@ class _StagedFit:
         b = 0
         for part in (self.parts.fit, self.parts.hold):
             for feed, _ in batches(part, self.parts.batch_size):
+                if self.cfg.position_mask:
+                    self.masks[b] = feed[self.cfg.position_mask]
                 for name, value in feed.items():
                     qcache.put(b, name, value)
                     fcache.put(b, name, value)
@@ -299,13 +305,16 @@ class _StagedFit:
             for name in names:
                 q = qout[self.raw[name]]
                 f = qout[self.twins[name]] if self.target == "local" else fout[self.fpoints[name]]
+                axis, (qr, fr) = real_positions(self.masks.get(b), self.axes[name], q, f)
+                if qr is not q:
+                    self.masked.add(name)
                 key = ("fit" if b < n_fit else "hold", name)
                 if key not in sums:
-                    sums[key] = ChannelSums(q.shape[self.axes[name]], self.axes[name])
-                sums[key].update(q, f)
+                    sums[key] = ChannelSums(qr.shape[axis], axis)
+                sums[key].update(qr, fr)
                 if name in head_err and b >= n_fit:
-                    head_err[name][0] += sigmoid_sq_error(q, f, self.axes[name])
-                    head_err[name][1] += sigmoid_sq_error(q, f, self.axes[name], *maps[name][:2])
+                    head_err[name][0] += sigmoid_sq_error(qr, fr, axis)
+                    head_err[name][1] += sigmoid_sq_error(qr, fr, axis, *maps[name][:2])
                 if self.raw[name] in q_plan.last_use:
                     qcache.put(b, self.raw[name], q)
         return maps, {name: sums[("hold", name)] for name in names}, head_err
@@ -315,6 +324,8 @@ class _StagedFit:
         """Keep the layer's fitted map if it lowers the layer's held-out error: its output's MSE, or for a
         score head (``head_err``: held-out score error without / with the map) its scores' error."""
         g, beta, stats = fitted
+        if name in self.masked:
+            stats["real_positions_only"] = True
         if head_err is not None:
             n = hold_sums.n * hold_sums.channels
             before, after = head_err[0] / n, head_err[1] / n
@@ -369,14 +380,15 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     except Exception:
         logger.info("model does not run on a batch; fitting one sample at a time")
         parts.batch_size = 1
+    _check_position_mask(float_model, cfg.position_mask, first[0])
     candidates = ("global", "local") if cfg.target == "auto" else (cfg.target,)
-    scores = {"none": output_error(float_model, qmodel, parts.hold, parts.batch_size)}
+    scores = {"none": output_error(float_model, qmodel, parts.hold, parts.batch_size, cfg.position_mask)}
     results: dict[str, tuple] = {"none": ({}, [])}
     for target in candidates:
         comps, fits = _StagedFit(float_model, qmodel, plan, cfg, parts, target).run()
         results[target] = (comps, fits)
-        scores[target] = (output_error(float_model, _unfused(qmodel, comps), parts.hold, parts.batch_size)
-                          if comps else scores["none"])
+        scores[target] = (output_error(float_model, _unfused(qmodel, comps), parts.hold, parts.batch_size,
+                                       cfg.position_mask) if comps else scores["none"])
         logger.info("cwac %s: %d/%d layers compensated, held-out output error %.4g (none: %.4g)", target,
                     len(comps), len(fits), scores[target], scores["none"])
         if progress:
@@ -385,6 +397,19 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     comps, fits = results[best]
     fits = fits or results[candidates[0]][1]
     return CwacFit(comps, best, fits, scores, max((f.stage for f in fits), default=0), time.perf_counter() - t0)
+
+
+def _check_position_mask(float_model: onnx.ModelProto, name: str | None, feed: dict[str, np.ndarray]) -> None:
+    """``--cwac-position-mask`` must name a [batch, seq] input of the model."""
+    if name is None:
+        return
+    inputs = [i.name for i in float_model.graph.input]
+    if name not in inputs:
+        raise QwtError(f"--cwac-position-mask names '{name}', which is not an input of the model",
+                       notes=[f"inputs: {', '.join(inputs)}"], fix="name the attention-mask input, e.g. attention_mask")
+    if feed[name].ndim != 2:
+        raise QwtError(f"the position mask '{name}' has shape {list(feed[name].shape)}, not [batch, seq]",
+                       fix="name a rank-2 attention mask (nonzero = a real token), or leave the option out")
 
 
 def staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan, data: CalibrationSet,

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from .calib_data import CalibrationSet
+from .cwac import real_positions
 from .runtime import batches, make_session, with_outputs
 
 _SATURATING = ("Softmax", "Sigmoid", "LogSoftmax")
@@ -67,9 +68,11 @@ def _output_parts(model: onnx.ModelProto) -> list[tuple[str, str | None]]:
     return parts
 
 
-def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> float:
+def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int,
+                 position_mask: str | None = None) -> float:
     """Σ over :func:`gate_tensors` of MSE(model, float) / mean(float²), simulated, on ``data``: every output
-    part weighs the same whatever its units."""
+    part weighs the same whatever its units.  ``position_mask`` (an input's name): tensors laid out
+    [batch, seq, ...] count only the positions it marks real (``cwac.real_positions``)."""
     ref_names, cand_names = gate_tensors(float_model), gate_tensors(model)
     if len(ref_names) != len(cand_names):  # the two graphs' heads differ in form: compare the outputs themselves
         ref_names = cand_names = [o.name for o in float_model.graph.output]
@@ -78,7 +81,9 @@ def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: Cal
     err = [0.0] * len(ref_names)
     power = [0.0] * len(ref_names)
     for feed, _ in batches(data, batch_size):
+        mask = feed[position_mask] if position_mask else None
         for i, (r, c) in enumerate(zip(ref.run(ref_names, feed), cand.run(cand_names, feed))):
+            _, (r, c) = real_positions(mask, -1, r, c)
             r64, c64 = r.astype(np.float64), c.astype(np.float64)
             err[i] += float(np.sum((c64 - r64) ** 2))
             power[i] += float(np.sum(r64 ** 2))

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from .calib_data import CalibrationSet
 from .config import CwacConfig
-from .cwac import ChannelSums, Compensation, fit_affine, sigmoid_sq_error
+from .cwac import ChannelSums, Compensation, fit_affine, real_positions, sigmoid_sq_error
 from .cwac_fit import _axis, _Parts, _unfused, layer_stages, score_head_layers
 from .passes.insert_compensation import compensation_point
 from .policy import QuantPlan
@@ -46,11 +46,13 @@ def prefix_staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
                 maps = {name: fit_affine(sums[("fit", name)], cfg.lam, cfg.max_gain, keep_spread=name in heads)
                         for name in members}
             for feed, _ in batches(part_data, parts.batch_size):
+                mask = feed[cfg.position_mask] if cfg.position_mask else None
                 for name, q, f in zip(members, qs.run(outs, feed), fs.run(outs, feed)):
-                    sums.setdefault((part, name), ChannelSums(q.shape[axes[name]], axes[name])).update(q, f)
+                    axis, (q, f) = real_positions(mask, axes[name], q, f)
+                    sums.setdefault((part, name), ChannelSums(q.shape[axis], axis)).update(q, f)
                     if part == "hold" and name in heads:
-                        head_err[name][0] += sigmoid_sq_error(q, f, axes[name])
-                        head_err[name][1] += sigmoid_sq_error(q, f, axes[name], *maps[name][:2])
+                        head_err[name][0] += sigmoid_sq_error(q, f, axis)
+                        head_err[name][1] += sigmoid_sq_error(q, f, axis, *maps[name][:2])
         for name in members:
             g, beta, stats = maps[name]
             hold = sums[("hold", name)]

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from tiny_models import conv_net, sigmoid_head_net
+from tiny_models import conv_net, masked_token_net, sigmoid_head_net
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.calib_data import CalibrationSet, InputSpec
 from qwt2_onnx.config import CwacConfig
-from qwt2_onnx.cwac import ChannelSums, fit_affine
+from qwt2_onnx.cwac import ChannelSums, fit_affine, real_positions
+from qwt2_onnx.cwac_gate import output_error
 from qwt2_onnx.cwac_fit import score_head_layers, staged_fit
 from qwt2_onnx.cwac_reference import prefix_staged_fit
 from qwt2_onnx.equivalence import check_fold
@@ -328,3 +329,79 @@ def test_fit_target_is_the_float_tensor_at_the_same_point(tmp_path):
     for name, comp in ref.items():
         np.testing.assert_array_equal(comps[name].gain, comp.gain)  # same float32 arithmetic: bit-identical
         np.testing.assert_array_equal(comps[name].bias, comp.bias)
+
+
+def _padded_tokens(n: int, seed: int, padding: float):
+    """``n`` samples of masked_token_net's inputs: 2-6 real tokens each, the rest padding filled with
+    ``padding``-scaled garbage (what an encoder's padded positions hold is not what its real ones do)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        real = int(rng.integers(2, 7))
+        mask = (np.arange(6) < real).astype(np.int64)[None]
+        x = rng.normal(size=(1, 6, 4)).astype(np.float32)
+        x[0, real:] = padding * (3.0 + rng.normal(size=(6 - real, 4)))
+        out.append({"x": x, "mask": mask})
+    return out
+
+
+def test_position_mask_keeps_padding_out_of_the_fit_and_the_gate(tmp_path):
+    """With --cwac-position-mask, two calibration sets that differ only at padded positions give
+    bit-identical compensation and held-out output error; without it they do not.  The slow reference
+    protocol masks the same way (bit-identical)."""
+    onnx.save(masked_token_net(), tmp_path / "m.onnx")
+    quiet, loud = _padded_tokens(24, 3, 0.0), _padded_tokens(24, 3, 5.0)
+    for a, b in zip(quiet, loud):
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+        keep = a["mask"][0] != 0
+        np.testing.assert_array_equal(a["x"][0, keep], b["x"][0, keep])
+    cfg = CompileConfig(quant=QuantConfig(wbits=4), cwac=CwacConfig(enabled=False), holdout_samples=0)
+    res = compile_model(tmp_path / "m.onnx", quiet, tmp_path / "q.onnx", cfg, measure=False)
+    spec = InputSpec.from_model(res.float_model)
+    sets = [CalibrationSet(lambda d=d: iter(d), spec, "test", len(d)) for d in (quiet, loud)]
+    masked, plain = CwacConfig(target="global", position_mask="mask"), CwacConfig(target="global")
+
+    def fit(data, c):
+        comps, fits = staged_fit(res.float_model, res.plain_model, res.plan, data, "global", c, batch_size=4)
+        return comps, fits
+
+    (ca, fa), (cb, _) = fit(sets[0], masked), fit(sets[1], masked)
+    assert set(ca) == set(cb) and "down" in ca, (set(ca), set(cb))
+    assert all(f.stats["real_positions_only"] for f in fa)
+    for name in ca:
+        np.testing.assert_array_equal(ca[name].gain, cb[name].gain)
+        np.testing.assert_array_equal(ca[name].bias, cb[name].bias)
+    ref = prefix_staged_fit(res.float_model, res.plain_model, res.plan, sets[1], masked, batch_size=4)
+    assert set(ref) == set(cb)
+    for name in ref:
+        np.testing.assert_array_equal(ref[name].gain, cb[name].gain)
+        np.testing.assert_array_equal(ref[name].bias, cb[name].bias)
+    ua, ub = fit(sets[0], plain)[0], fit(sets[1], plain)[0]
+    assert any(not np.array_equal(ua[n].gain, ub[n].gain) for n in set(ua) & set(ub)) or set(ua) != set(ub)
+    errs = {(i, m): output_error(res.float_model, res.plain_model, d, 4, m)
+            for i, d in enumerate(sets) for m in ("mask", None)}
+    assert errs[(0, "mask")] == errs[(1, "mask")] > 0
+    assert errs[(0, None)] != errs[(1, None)]
+
+
+def test_real_positions_only_touches_channel_last_token_tensors():
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    t = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    axis, (got,) = real_positions(mask, -1, t)
+    assert axis == -1 and got.shape == (3, 4)
+    np.testing.assert_array_equal(got, t[[0, 0, 1], [0, 1, 0]])
+    conv = np.zeros((2, 3, 5), np.float32)  # [batch, channels, length]: channel axis 1 is not last
+    assert real_positions(mask, 1, conv)[1][0] is conv
+    flat = t.reshape(6, 4)  # [batch·seq, channels]: an exporter's 2-D linear layer
+    np.testing.assert_array_equal(real_positions(mask, -1, flat)[1][0], got)
+    assert real_positions(mask, -1, np.zeros((2, 3), np.float32))[1][0].shape == (2, 3)  # [batch, seq]: unchanged
+    assert real_positions(None, -1, t)[1][0] is t
+
+
+@pytest.mark.parametrize("name, message", [("nope", "not an input of the model"), ("x", r"not \[batch, seq\]")])
+def test_position_mask_must_name_a_rank_2_input(tmp_path, name, message):
+    onnx.save(masked_token_net(), tmp_path / "m.onnx")
+    cfg = CompileConfig(cwac=CwacConfig(position_mask=name), holdout_samples=0)
+    with pytest.raises(QwtError, match=message):
+        compile_model(tmp_path / "m.onnx", _padded_tokens(12, 0, 1.0), tmp_path / "q.onnx", cfg)
+    assert not (tmp_path / "q.onnx").exists()

@@ -129,3 +129,32 @@ def test_fold_check_control_moves_every_weight_scale_by_one_ulp(tmp_path):
             assert np.array_equal(after[name], value)
     check = check_fold(nudged, plain, open_calibration(feeds, InputSpec.from_model(model)), 8)
     assert 0 < check.worst_forced < 1e-5  # the same function up to float rounding, and not bit-identical
+
+
+def test_encoder_check_reads_safetensors_and_tokenizes_like_uncased_bert(tmp_path):
+    """tools/encoder_check.py's two hand-written readers: the safetensors layout (header length, JSON
+    header, raw data; 'bert.' prefixes dropped) and uncased WordPiece ('_' and other punctuation split,
+    accents stripped, '##' continuations, [UNK] for a word with no pieces, truncation, [PAD] = 0)."""
+    import json
+    import struct
+
+    from encoder_check import WordPiece, read_safetensors
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.array([7, -1], np.int64)
+    header = {"bert.a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+              "b": {"dtype": "I64", "shape": [2], "data_offsets": [24, 40]}, "__metadata__": {"format": "pt"}}
+    h = json.dumps(header).encode()
+    (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + a.tobytes() + b.tobytes())
+    got = read_safetensors(tmp_path / "w.safetensors")
+    assert set(got) == {"a", "b"}
+    np.testing.assert_array_equal(got["a"], a)
+    np.testing.assert_array_equal(got["b"], b)
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "hello": 4, "_": 5, "x": 6, "un": 7, "##able": 8,
+             "cafe": 9, ".": 10}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}}))
+    ids, mask = WordPiece(tmp_path / "tokenizer.json").encode(["Hello_x UNABLE café.", "zzz", "hello " * 9], 8)
+    assert ids[0].tolist() == [2, 4, 5, 6, 7, 8, 9, 3]  # no room left for '.': truncated before [SEP]
+    assert ids[1].tolist() == [2, 1, 3, 0, 0, 0, 0, 0] and mask[1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert ids[2].tolist() == [2] + [4] * 6 + [3]

@@ -111,3 +111,33 @@ def sigmoid_head_net(seed: int = 0) -> onnx.ModelProto:
     m.ir_version = 8
     onnx.checker.check_model(m)
     return m
+
+
+def masked_token_net(seed: int = 0, tokens: int = 6) -> onnx.ModelProto:
+    """A per-token MLP with an attention mask, like an encoder's feed-forward block and masked pooling::
+
+        x[N,T,4] ─► MatMul(up, 8) ─► Relu ─► MatMul(down, 4) ─► hidden[N,T,4]
+        mask[N,T] (int64, 1 = a real token) ─► Cast ─► Unsqueeze ─► Mul(hidden) ─► ReduceSum(T) ─► pooled[N,4]
+
+    Positions never mix, so what padding holds changes nothing at a real position."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_up"], ["h"], name="up"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+        helper.make_node("MatMul", ["hr", "w_down"], ["hidden"], name="down"),
+        helper.make_node("Cast", ["mask"], ["maskf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"], name="unsqueeze"),
+        helper.make_node("Mul", ["hidden", "mask3"], ["kept"], name="apply_mask"),
+        helper.make_node("ReduceSum", ["kept", "axis1"], ["pooled"], name="pool", keepdims=0),
+    ]
+    inits = [_f32("w_up", rng.normal(size=(4, 8))), _f32("w_down", rng.normal(size=(8, 4))),
+             numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    g = helper.make_graph(nodes, "masked_tokens",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", tokens, 4]),
+                           helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", tokens])],
+                          [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["N", tokens, 4]),
+                           helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
