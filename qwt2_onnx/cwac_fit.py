@@ -100,6 +100,7 @@ def layer_report(fit: CwacFit, strategies: dict[str, str]) -> list[dict]:
                      "negative_gains": int((comp.gain < 0).sum()) if comp is not None else 0,
                      "heldout_mse_before": f.mse_before, "heldout_mse_after": f.mse_after,
                      "fit": f.stats.get("fit"),
+                     "positions": "real" if f.stats.get("real_positions_only") else "all",
                      "zero_variance_channels": f.stats.get("zero_variance", 0),
                      "rejected_channels": f.stats.get("rejected_channels", 0)})
     return rows

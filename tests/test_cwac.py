@@ -382,6 +382,11 @@ def test_position_mask_keeps_padding_out_of_the_fit_and_the_gate(tmp_path):
             for i, d in enumerate(sets) for m in ("mask", None)}
     assert errs[(0, "mask")] == errs[(1, "mask")] > 0
     assert errs[(0, None)] != errs[(1, None)]
+    # the compile report says which layers were fitted on real positions only
+    cfg = CompileConfig(quant=QuantConfig(wbits=4), cwac=masked, holdout_samples=0)
+    compile_model(tmp_path / "m.onnx", loud, tmp_path / "c.onnx", cfg)
+    report = json.loads((tmp_path / "c.report.json").read_text())
+    assert {r["layer"]: r["positions"] for r in report["cwac_layers"]} == {"up": "real", "down": "real"}
 
 
 def test_real_positions_only_touches_channel_last_token_tensors():
