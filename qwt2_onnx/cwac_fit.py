@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calib_data import CalibrationSet
+from .calib_data import CalibrationSet, InputSpec
 from .config import CwacConfig
 from .cwac import ChannelSums, Compensation, fit_affine, real_positions, sigmoid_sq_error
 from .cwac_gate import SHAPE_ONLY, output_error, sigmoid_logits
@@ -78,11 +78,16 @@ class CwacFit:
     seconds: float
     full_range_left_alone: int = 0  # channels left uncompensated: negative gain on an unflippable row
 
+    @property
+    def real_positions_layers(self) -> int:
+        """Layers whose statistics counted real positions only (``--cwac-position-mask``)."""
+        return sum(bool(f.stats.get("real_positions_only")) for f in self.layers)
+
     def summary(self, n_layers: int) -> dict:
         return {"target": self.target, "compensated": len(self.compensations), "layers": n_layers,
                 "stages": self.stages,
                 "score_heads_keep_spread": sum(f.stats.get("fit") == "keep spread" for f in self.layers),
-                "real_positions_only": sum(bool(f.stats.get("real_positions_only")) for f in self.layers),
+                "real_positions_only": self.real_positions_layers,
                 "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
                 "full_range_negative_gain_left_alone": self.full_range_left_alone, "fit_s": round(self.seconds, 2)}
 
@@ -381,7 +386,6 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     except Exception:
         logger.info("model does not run on a batch; fitting one sample at a time")
         parts.batch_size = 1
-    _check_position_mask(float_model, cfg.position_mask, first[0])
     candidates = ("global", "local") if cfg.target == "auto" else (cfg.target,)
     scores = {"none": output_error(float_model, qmodel, parts.hold, parts.batch_size, cfg.position_mask)}
     results: dict[str, tuple] = {"none": ({}, [])}
@@ -400,16 +404,20 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     return CwacFit(comps, best, fits, scores, max((f.stage for f in fits), default=0), time.perf_counter() - t0)
 
 
-def _check_position_mask(float_model: onnx.ModelProto, name: str | None, feed: dict[str, np.ndarray]) -> None:
-    """``--cwac-position-mask`` must name a [batch, seq] input of the model."""
-    if name is None:
+def check_position_mask(cfg: CwacConfig, specs: list[InputSpec], data: CalibrationSet) -> None:
+    """``--cwac-position-mask`` must name a [batch, seq] input of the model (checked on the first sample,
+    before any heavy work)."""
+    name = cfg.position_mask
+    if not cfg.enabled or name is None:
         return
-    inputs = [i.name for i in float_model.graph.input]
+    inputs = [s.name for s in specs]
     if name not in inputs:
         raise QwtError(f"--cwac-position-mask names '{name}', which is not an input of the model",
                        notes=[f"inputs: {', '.join(inputs)}"], fix="name the attention-mask input, e.g. attention_mask")
-    if feed[name].ndim != 2:
-        raise QwtError(f"the position mask '{name}' has shape {list(feed[name].shape)}, not [batch, seq]",
+    first = next(batches(data, 1), None)
+    if first is not None and first[0][name].ndim != 2:
+        shape = list(first[0][name].shape)
+        raise QwtError(f"the position mask '{name}' has shape {shape}, not [batch, seq]",
                        fix="name a rank-2 attention mask (nonzero = a real token), or leave the option out")
 
 

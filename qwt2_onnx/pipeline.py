@@ -30,7 +30,7 @@ from .checker import (
 )
 from .config import CompileConfig
 from .cwac import build_graphs, constrain_full_range, load_cwac_params
-from .cwac_fit import CwacFit, fit_compensations, layer_report
+from .cwac_fit import CwacFit, check_position_mask, fit_compensations, layer_report
 from .diffstats import Tolerance
 from .equivalence import check_fold
 from .errors import CheckFailed, QwtError, StageError
@@ -116,6 +116,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
         specs = InputSpec.from_model(model)
         data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
         data.validate()  # every sample: names, shapes, dtypes, NaN/Inf, before any heavy work
+        check_position_mask(config.cwac, specs, data)
     with _stage("normalize", seconds):
         result = NormalizePass(qcfg.min_opset)(model)
         del model  # each stage's input is dropped once used: big models are held in memory a few times only
@@ -179,6 +180,7 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
                            fix="pass the float model the QDQ model was quantized from (--float-model)")
         data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
         data.validate()
+        check_position_mask(config.cwac, specs, data)
     with _stage("normalize", seconds):
         float_model = NormalizePass(13)(fmodel).graph
         result = FoldConstantQuantizersPass()(NormalizePass(13)(qmodel).graph)

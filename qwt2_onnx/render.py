@@ -51,9 +51,9 @@ def _cwac_lines(result) -> list[str]:
     errs = ", ".join(f"{k} {v:.3g}" for k, v in fit.output_error.items())
     lines = [f"CWAC: target {fit.target}, {len(fit.compensations)}/{len(result.plan.layers)} layers compensated "
              f"in {fit.stages} stages, fit {fit.seconds:.1f}s; held-out output error: {errs}"]
-    masked = sum(bool(f.stats.get("real_positions_only")) for f in fit.layers)
-    if masked:
-        lines.append(f"  statistics and gates on real positions only (--cwac-position-mask): {masked} layers")
+    if fit.real_positions_layers:
+        lines.append(f"  statistics and gates on real positions only (--cwac-position-mask): "
+                     f"{fit.real_positions_layers} layers")
     rejected = Counter(f.status for f in fit.layers if f.status != "compensated")
     for status, n in sorted(rejected.items()):
         lines.append(f"  not compensated ({status}): {n}")

