@@ -91,6 +91,7 @@ class CheckReport:
     comparisons: list[Comparison]
     created: str  # the only time-dependent field
     cwac_layers: list[dict] = dataclasses.field(default_factory=list)
+    cwac_gate: dict | None = None  # compile only: the model-level choice (``CwacFit.gate_record``)
     schema: str = SCHEMA
 
     @property

@@ -28,7 +28,9 @@ are split into a fit part and a held-out part (the last ``holdout_fraction``):
 2. per model: each candidate (``global``, ``local``, none) is scored by the
    graph outputs' error vs float on the held-out part (sum over outputs of
    mean squared error / mean square of the float output); the lowest wins,
-   and "none" wins if no compensation pays.
+   and "none" wins if no compensation pays.  The ranking is by the sum over
+   held-out samples; how many samples a candidate made worse, and by how
+   much at most, is reported beside it (``CwacFit.held_out_samples``).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ import onnx_graphsurgeon as gs
 from .calib_data import CalibrationSet, InputSpec
 from .config import CwacConfig
 from .cwac import ChannelSums, Compensation, fit_affine, real_positions, sigmoid_sq_error
-from .cwac_gate import SHAPE_ONLY, output_error, sigmoid_logits
+from .cwac_gate import SHAPE_ONLY, OutputError, output_errors, sigmoid_logits
 from .errors import QwtError
 from .graph_io import export_model
 from .passes.fold_compensation import weight_shape
@@ -77,11 +79,35 @@ class CwacFit:
     stages: int
     seconds: float
     full_range_left_alone: int = 0  # channels left uncompensated: negative gain on an unflippable row
+    per_sample: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # candidate -> each held-out
+    # sample's share of its output error (absent where an output has no per-sample axis)
+
+    def held_out_samples(self) -> dict | None:
+        """How each candidate did sample by sample against no compensation: held-out samples whose output
+        error it raised, and the largest factor it raised one by.  The gate ranks by the sum; this says
+        whether the sum hides samples made worse."""
+        base = self.per_sample.get("none")
+        if base is None:
+            return None
+        worse, growth = {}, {}
+        for target, errs in self.per_sample.items():
+            if target == "none":
+                continue
+            worse[target] = int(np.sum(errs > base))
+            ratios = errs[base > 0] / base[base > 0]
+            growth[target] = round(float(ratios.max()), 4) if ratios.size else None
+        return {"n": int(base.size), "worse_than_none": worse, "max_growth": growth}
 
     @property
     def real_positions_layers(self) -> int:
         """Layers whose statistics counted real positions only (``--cwac-position-mask``)."""
         return sum(bool(f.stats.get("real_positions_only")) for f in self.layers)
+
+    def gate_record(self) -> dict:
+        """The output gate's choice for the report: the target kept, each candidate's held-out output error
+        and the per-sample account (:meth:`held_out_samples`)."""
+        return {"target": self.target, "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
+                "held_out_samples": self.held_out_samples()}
 
     def summary(self, n_layers: int) -> dict:
         return {"target": self.target, "compensated": len(self.compensations), "layers": n_layers,
@@ -89,6 +115,7 @@ class CwacFit:
                 "score_heads_keep_spread": sum(f.stats.get("fit") == "keep spread" for f in self.layers),
                 "real_positions_only": self.real_positions_layers,
                 "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
+                "held_out_samples": self.held_out_samples(),
                 "full_range_negative_gain_left_alone": self.full_range_left_alone, "fit_s": round(self.seconds, 2)}
 
 
@@ -387,21 +414,25 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
         logger.info("model does not run on a batch; fitting one sample at a time")
         parts.batch_size = 1
     candidates = ("global", "local") if cfg.target == "auto" else (cfg.target,)
-    scores = {"none": output_error(float_model, qmodel, parts.hold, parts.batch_size, cfg.position_mask)}
+    none = output_errors(float_model, qmodel, parts.hold, parts.batch_size, cfg.position_mask)
+    scored: dict[str, OutputError] = {"none": none}
     results: dict[str, tuple] = {"none": ({}, [])}
     for target in candidates:
         comps, fits = _StagedFit(float_model, qmodel, plan, cfg, parts, target).run()
         results[target] = (comps, fits)
-        scores[target] = (output_error(float_model, _unfused(qmodel, comps), parts.hold, parts.batch_size,
-                                       cfg.position_mask) if comps else scores["none"])
+        scored[target] = (output_errors(float_model, _unfused(qmodel, comps), parts.hold, parts.batch_size,
+                                        cfg.position_mask) if comps else none)
         logger.info("cwac %s: %d/%d layers compensated, held-out output error %.4g (none: %.4g)", target,
-                    len(comps), len(fits), scores[target], scores["none"])
+                    len(comps), len(fits), scored[target].total, none.total)
         if progress:
             progress(1, len(candidates))
+    scores = {t: e.total for t, e in scored.items()}
     best = min(scores, key=lambda t: (scores[t], t != "none"))
     comps, fits = results[best]
     fits = fits or results[candidates[0]][1]
-    return CwacFit(comps, best, fits, scores, max((f.stage for f in fits), default=0), time.perf_counter() - t0)
+    per_sample = {t: e.per_sample for t, e in scored.items() if e.per_sample is not None}
+    return CwacFit(comps, best, fits, scores, max((f.stage for f in fits), default=0), time.perf_counter() - t0,
+                   per_sample=per_sample if len(per_sample) == len(scored) else {})
 
 
 def check_position_mask(cfg: CwacConfig, specs: list[InputSpec], data: CalibrationSet) -> None:

@@ -6,6 +6,8 @@ lowest.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 
@@ -68,11 +70,28 @@ def _output_parts(model: onnx.ModelProto) -> list[tuple[str, str | None]]:
     return parts
 
 
+@dataclasses.dataclass
+class OutputError:
+    """The output gate's score of one model on ``data``: ``total`` (what the gate ranks by) and each
+    sample's share of it, ``per_sample`` (they sum to ``total``; None where an output has no per-sample
+    leading axis)."""
+
+    total: float
+    per_sample: np.ndarray | None
+
+
 def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int,
                  position_mask: str | None = None) -> float:
     """Σ over :func:`gate_tensors` of MSE(model, float) / mean(float²), simulated, on ``data``: every output
     part weighs the same whatever its units.  ``position_mask`` (an input's name): tensors laid out
     [batch, seq, ...] count only the positions it marks real (``cwac.real_positions``)."""
+    return output_errors(float_model, model, data, batch_size, position_mask).total
+
+
+def output_errors(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int,
+                  position_mask: str | None = None) -> OutputError:
+    """:func:`output_error`, with each sample's share: Σ over parts of that sample's squared error / the
+    part's power over all of ``data``."""
     ref_names, cand_names = gate_tensors(float_model), gate_tensors(model)
     if len(ref_names) != len(cand_names):  # the two graphs' heads differ in form: compare the outputs themselves
         ref_names = cand_names = [o.name for o in float_model.graph.output]
@@ -80,11 +99,32 @@ def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: Cal
     cand = make_session(with_outputs(model, cand_names), optimized=False)
     err = [0.0] * len(ref_names)
     power = [0.0] * len(ref_names)
-    for feed, _ in batches(data, batch_size):
+    sample_err: list[list[np.ndarray | None]] = [[] for _ in ref_names]
+    for feed, n in batches(data, batch_size):
         mask = feed[position_mask] if position_mask else None
         for i, (r, c) in enumerate(zip(ref.run(ref_names, feed), cand.run(cand_names, feed))):
+            sq = (c.astype(np.float64) - r.astype(np.float64)) ** 2
+            sample_err[i].append(_per_sample(sq, n, mask))
             _, (r, c) = real_positions(mask, -1, r, c)
             r64, c64 = r.astype(np.float64), c.astype(np.float64)
             err[i] += float(np.sum((c64 - r64) ** 2))
             power[i] += float(np.sum(r64 ** 2))
-    return float(sum(e / max(p, 1e-30) for e, p in zip(err, power)))
+    total = float(sum(e / max(p, 1e-30) for e, p in zip(err, power)))
+    if any(s is None for part in sample_err for s in part):
+        return OutputError(total, None)
+    per_sample = sum(np.concatenate(part) / max(p, 1e-30) for part, p in zip(sample_err, power))
+    return OutputError(total, np.asarray(per_sample, dtype=np.float64))
+
+
+def _per_sample(sq: np.ndarray, n: int, mask: np.ndarray | None) -> np.ndarray | None:
+    """Each of a batch's ``n`` samples' Σ of ``sq`` (squared errors laid out like the output), over the
+    positions :func:`cwac.real_positions` would keep; None when the leading axis is not per sample."""
+    if sq.ndim == 0 or sq.shape[0] % n:
+        return None
+    if mask is not None and sq.ndim >= 2:
+        keep = mask != 0
+        if sq.ndim >= 3 and sq.shape[:2] == mask.shape:
+            return (sq.reshape(*mask.shape, -1).sum(-1) * keep).sum(1)
+        if sq.shape[0] == mask.size:
+            return (sq.reshape(sq.shape[0], -1).sum(1) * keep.ravel()).reshape(n, -1).sum(1)
+    return sq.reshape(n, -1).sum(1)

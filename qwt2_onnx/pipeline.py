@@ -274,7 +274,8 @@ def _compile_report(float_model, plain, qmodel, unfused, fold, cwac, stages, dat
         comparisons.append(layer_comparison("CWAC (fused, float simulation) vs float", float_model, qmodel, data, bs,
                                             ("float", "CWAC"), role="cwac_vs_float"))
     layers = layer_report(cwac, stages["fold"]["strategies"]) if cwac is not None else []
-    return CheckReport("compile", {"output": "the compiled model"}, data_summary(data, bs), comparisons, now(), layers)
+    return CheckReport("compile", {"output": "the compiled model"}, data_summary(data, bs), comparisons, now(), layers,
+                       cwac.gate_record() if cwac is not None else None)
 
 
 def _write(qmodel, unfused, report, fold, output_path: Path, unfused_path, external: bool,

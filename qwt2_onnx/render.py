@@ -51,6 +51,11 @@ def _cwac_lines(result) -> list[str]:
     errs = ", ".join(f"{k} {v:.3g}" for k, v in fit.output_error.items())
     lines = [f"CWAC: target {fit.target}, {len(fit.compensations)}/{len(result.plan.layers)} layers compensated "
              f"in {fit.stages} stages, fit {fit.seconds:.1f}s; held-out output error: {errs}"]
+    samples = fit.held_out_samples()
+    if samples and samples["worse_than_none"]:
+        each = ", ".join(f"{t} {k}" + (f" (error up to ×{samples['max_growth'][t]:.3g})" if k else "")
+                         for t, k in samples["worse_than_none"].items())
+        lines.append(f"  held-out samples whose output error the candidate raised, of {samples['n']}: {each}")
     if fit.real_positions_layers:
         lines.append(f"  statistics and gates on real positions only (--cwac-position-mask): "
                      f"{fit.real_positions_layers} layers")

@@ -47,6 +47,7 @@ def to_json(report: CheckReport) -> dict:
             {str(k): v for k, v in c.code_lsb_histogram.items()},
             "tie_flips": c.tie_flips} for c in report.comparisons],
         "cwac_layers": report.cwac_layers,
+        "cwac_gate": report.cwac_gate,
         "histogram_edges": [float(e) for e in HIST_EDGES],
     }
 
@@ -180,6 +181,18 @@ def _comparison_html(c: Comparison) -> str:
     return "<section>" + "".join(parts) + "</section>"
 
 
+def _gate_html(gate: dict | None) -> str:
+    """The CWAC output gate's choice: each candidate's held-out output error and the samples it made worse."""
+    if not gate:
+        return ""
+    errs = ", ".join(f"{html.escape(k)} {v:.3g}" for k, v in gate["output_error"].items())
+    samples = gate["held_out_samples"]
+    worse = "" if not samples else "; held-out samples whose error a candidate raised, of {}: {}".format(
+        samples["n"], ", ".join(f"{html.escape(t)} {k}" for t, k in samples["worse_than_none"].items()))
+    return (f"<section><h2>CWAC output gate</h2><p>kept: <b>{html.escape(gate['target'])}</b> · held-out output "
+            f"error (Σ over outputs of MSE / mean(float²)): {errs}{worse}</p></section>")
+
+
 def render_html(report: CheckReport) -> str:
     verdict = "PASSED" if report.passed else "FAILED"
     failed = [v for v in report.verdicts if not v.passed]
@@ -204,6 +217,7 @@ td:first-child {{ text-align: left; }}
 <p class="verdict {"pass" if report.passed else "fail"}">{verdict}</p>
 {summary}
 <ul>{models}</ul><p class=note>data: {data} · created {html.escape(report.created)} · schema {report.schema}</p>
+{_gate_html(report.cwac_gate)}
 {_sqnr_chart(report)}
 {body}
 </body></html>

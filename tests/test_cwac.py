@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -17,7 +19,7 @@ from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.calib_data import CalibrationSet, InputSpec
 from qwt2_onnx.config import CwacConfig
 from qwt2_onnx.cwac import ChannelSums, fit_affine, real_positions
-from qwt2_onnx.cwac_gate import output_error
+from qwt2_onnx.cwac_gate import output_error, output_errors
 from qwt2_onnx.cwac_fit import score_head_layers, staged_fit
 from qwt2_onnx.cwac_reference import prefix_staged_fit
 from qwt2_onnx.equivalence import check_fold
@@ -200,6 +202,13 @@ def test_cwac_never_worse_and_fold_is_exact(tmp_path):
     report = json.loads((tmp_path / "c.report.json").read_text())
     assert report["passed"] and (tmp_path / "c.report.html").exists()
     assert [r["layer"] for r in report["cwac_layers"]] == [f.layer for f in fit.layers]
+    jsonschema.validate(report, json.loads(resources.files("qwt2_onnx").joinpath("data/check_report.schema.json")
+                                           .read_text()))
+    gate = report["cwac_gate"]  # the model-level choice, with the per-sample account of the held-out part
+    assert gate["target"] == fit.target and gate["output_error"].keys() == fit.output_error.keys()
+    assert gate["held_out_samples"]["n"] == len(fit.per_sample["none"]) > 0
+    assert set(gate["held_out_samples"]["worse_than_none"]) == set(fit.output_error) - {"none"}
+    assert "CWAC output gate" in (tmp_path / "c.report.html").read_text()
     assert all(r["fold"] != "–" for r in report["cwac_layers"] if r["layer"] in fit.compensations)
     roles = [c["role"] for c in report["comparisons"]]
     assert roles == ["fold", "free", "deployed", "plain_vs_float", "cwac_vs_float"]
@@ -382,6 +391,9 @@ def test_position_mask_keeps_padding_out_of_the_fit_and_the_gate(tmp_path):
             for i, d in enumerate(sets) for m in ("mask", None)}
     assert errs[(0, "mask")] == errs[(1, "mask")] > 0
     assert errs[(0, None)] != errs[(1, None)]
+    shares = [output_errors(res.float_model, res.plain_model, d, 4, "mask").per_sample for d in sets]
+    np.testing.assert_array_equal(shares[0], shares[1])  # each sample's share counts its real tokens only
+    assert shares[0].sum() == pytest.approx(errs[(0, "mask")], rel=1e-12)
     # the compile report says which layers were fitted on real positions only
     cfg = CompileConfig(quant=QuantConfig(wbits=4), cwac=masked, holdout_samples=0)
     compile_model(tmp_path / "m.onnx", loud, tmp_path / "c.onnx", cfg)

@@ -9,7 +9,8 @@ from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
 from qwt2_onnx.calib_data import InputSpec, open_calibration
-from qwt2_onnx.cwac_gate import gate_tensors, output_error
+from qwt2_onnx.cwac_fit import CwacFit
+from qwt2_onnx.cwac_gate import gate_tensors, output_error, output_errors
 from tiny_models import conv_net
 
 
@@ -58,3 +59,33 @@ def test_gate_compares_logits_of_a_model_whose_probabilities_are_quantized(tmp_p
     err = output_error(float_model, qmodel, data, 4)
     # logits vs logits: the relative error of an 8-bit model, not that of probabilities vs logits (O(1))
     assert 0 < err < 0.05
+
+
+def test_output_error_splits_into_each_samples_share(tmp_path):
+    """The per-sample shares sum to the gate's total and belong to their samples: scoring in batches of 4
+    or one sample at a time gives each sample the same share."""
+    float_model = _with_head("concat")
+    onnx.save(float_model, tmp_path / "f.onnx")
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(10)]
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), _Reader(feeds), quant_format=QuantFormat.QDQ)
+    qmodel = onnx.load(tmp_path / "q.onnx")
+    data = open_calibration(feeds, InputSpec.from_model(float_model))
+    batched, single = output_errors(float_model, qmodel, data, 4), output_errors(float_model, qmodel, data, 1)
+    assert batched.per_sample.shape == (10,) and np.all(batched.per_sample > 0)
+    assert batched.per_sample.sum() == pytest.approx(batched.total, rel=1e-12)
+    assert batched.total == output_error(float_model, qmodel, data, 4)
+    np.testing.assert_allclose(batched.per_sample, single.per_sample, rtol=1e-5)
+    assert np.argmax(batched.per_sample) == np.argmax(single.per_sample)
+
+
+def test_held_out_samples_counts_the_samples_a_candidate_made_worse():
+    per_sample = {"none": np.array([1.0, 2.0, 0.0, 4.0]), "global": np.array([0.5, 3.0, 0.1, 1.0]),
+                  "local": np.array([1.0, 1.0, 0.0, 4.0])}
+    fit = CwacFit({}, "global", [], {k: float(v.sum()) for k, v in per_sample.items()}, 0, 0.0,
+                  per_sample=per_sample)
+    # global raised samples 1 (×1.5) and 2 (from 0: counted, no finite factor); local raised none
+    assert fit.held_out_samples() == {"n": 4, "worse_than_none": {"global": 2, "local": 0},
+                                      "max_growth": {"global": 1.5, "local": 1.0}}
+    assert fit.summary(3)["held_out_samples"] == fit.held_out_samples()
+    assert CwacFit({}, "none", [], {}, 0, 0.0).held_out_samples() is None

@@ -221,6 +221,7 @@ def main(argv=None) -> int:
                 stage = res.stages["cwac_fit"]
                 row["cwac"] = {k: stage[k] for k in ("target", "compensated", "layers", "real_positions_only")}
                 row["held_out_output_error"] = stage.get("output_error")
+                row["held_out_samples"] = stage.get("held_out_samples")
             result["variants"][name] = row
             print(name, json.dumps(row), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
