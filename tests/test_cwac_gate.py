@@ -84,8 +84,8 @@ def test_held_out_samples_counts_the_samples_a_candidate_made_worse():
                   "local": np.array([1.0, 1.0, 0.0, 4.0])}
     fit = CwacFit({}, "global", [], {k: float(v.sum()) for k, v in per_sample.items()}, 0, 0.0,
                   per_sample=per_sample)
-    # global raised samples 1 (×1.5) and 2 (from 0: counted, no finite factor); local raised none
+    # global raised samples 1 (+1.0) and 2 (+0.1, from 0): 1.1 of plain's 7.0 added back; local raised none
     assert fit.held_out_samples() == {"n": 4, "worse_than_none": {"global": 2, "local": 0},
-                                      "max_growth": {"global": 1.5, "local": 1.0}}
+                                      "added_error": {"global": round(1.1 / 7.0, 4), "local": 0.0}}
     assert fit.summary(3)["held_out_samples"] == fit.held_out_samples()
     assert CwacFit({}, "none", [], {}, 0, 0.0).held_out_samples() is None
