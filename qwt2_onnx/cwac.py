@@ -154,8 +154,11 @@ def fit_affine(sums: ChannelSums, lam: float = 0.0, max_gain: float = 4.0, keep_
     return g.astype(np.float32), beta.astype(np.float32), stats
 
 
-def build_graphs(qmodel, compensations: dict[str, Compensation], int32_bias: bool = True):
+def build_graphs(qmodel, compensations: dict[str, Compensation], int32_bias: bool = True,
+                 float_bias: frozenset[str] = frozenset()):
     """(unfused, fused, fold stats) ModelProtos for ``compensations`` on the QDQ model ``qmodel``.
+    ``float_bias``: bias-free layers that get a float bias input rather than an int32 bias DQ
+    (``FoldCompensationPass``).
 
     β is first snapped to the folded layer's int32 bias grid, so both graphs
     compute the same function up to float rounding.  A compensation that
@@ -189,7 +192,7 @@ def build_graphs(qmodel, compensations: dict[str, Compensation], int32_bias: boo
                 logger.debug("%s: %d channel(s) left uncompensated, folded int32 bias would overflow", k, bad.sum())
     snapped = {k: dataclasses.replace(c, bias=snap_bias(nodes[k], c, int32_bias)) for k, c in foldable.items()}
     unfused = export_model(InsertCompensationPass(snapped)(gs.import_onnx(qmodel)).graph)
-    result = FoldCompensationPass(snapped, int32_bias)(graph)
+    result = FoldCompensationPass(snapped, int32_bias, float_bias)(graph)
     stats = result.stats
     stats["int32_bias_overflow"] = overflow
     for k in overflow:

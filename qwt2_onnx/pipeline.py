@@ -194,14 +194,19 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
             raise QwtError("no quantized layer of the QDQ model has a float counterpart to fit against",
                            notes=[f"{name}: {why}" for name, why in list(plan.skipped.items())[:10]],
                            fix="pass the float model the QDQ model was quantized from; node names must match")
+        # a bias-free layer that onnxruntime runs in float gets a float bias: an int32 bias DQ would stay
+        float_layers = frozenset(fusion_report(plain, _integer_weights(plain, plan)).float_) \
+            if config.quant.target == "ort" and config.cwac.enabled else frozenset()
     calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
     return _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
-                                 unfused_path, measure, seconds, stages, external)
+                                 unfused_path, measure, seconds, stages, external, float_layers)
 
 
 def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
-                          unfused_path, measure, seconds, stages, external: bool) -> CompileResult:
-    """fit CWAC ─► fold ─► lint ─► check (report) ─► write ─► fusion report ─► fidelity."""
+                          unfused_path, measure, seconds, stages, external: bool,
+                          float_bias: frozenset[str] = frozenset()) -> CompileResult:
+    """fit CWAC ─► fold ─► lint ─► check (report) ─► write ─► fusion report ─► fidelity.  ``float_bias``: the
+    layers onnxruntime runs in float (upgrade mode; see ``FoldCompensationPass``)."""
     qcfg = config.quant
     cwac, unfused, fused, fold = None, plain, plain, None
     if config.cwac.enabled:
@@ -209,7 +214,8 @@ def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_
             cwac = _fit(float_model, plain, plan, calib_part, config)
             stages["cwac_fit"] = cwac.summary(len(plan.layers))
         with _stage("fold", seconds):
-            unfused, fused, stages["fold"] = build_graphs(plain, cwac.compensations, int32_bias=qcfg.target == "ort")
+            unfused, fused, stages["fold"] = build_graphs(plain, cwac.compensations, int32_bias=qcfg.target == "ort",
+                                                          float_bias=float_bias)
             fold = check_fold(fused, unfused, eval_part, config.calib.batch_size)
             stages["fold"]["check"] = fold.summary()
     with _stage("lint", seconds):

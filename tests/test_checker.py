@@ -199,8 +199,8 @@ def test_compile_with_a_broken_fold_exits_1_keeps_the_report_and_writes_no_model
     d, _ = compiled
     real = pipeline.build_graphs
 
-    def broken(plain, comps, int32_bias=True):
-        unfused, fused, stats = real(plain, comps, int32_bias)
+    def broken(plain, comps, int32_bias=True, float_bias=frozenset()):
+        unfused, fused, stats = real(plain, comps, int32_bias, float_bias)
         node = next(n for n in fused.graph.node if n.name == "conv2")
         wdq = next(n for n in fused.graph.node if n.output[0] == node.input[1])
         t = next(t for t in fused.graph.initializer if t.name == wdq.input[1])

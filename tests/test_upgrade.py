@@ -13,7 +13,10 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from qwt2_onnx import CompileConfig, QwtError, compile_model
 from qwt2_onnx.cli import main
 from qwt2_onnx.config import CwacConfig
-from qwt2_onnx.pipeline import upgrade_model
+from qwt2_onnx.cwac import build_graphs
+from qwt2_onnx.inspect_ort import fusion_report
+from qwt2_onnx.pipeline import _integer_weights, upgrade_model
+from qwt2_onnx.runtime import make_session
 from tiny_models import conv_net
 
 
@@ -49,12 +52,15 @@ def test_upgrade_ort_quantize_static_model(tmp_path, weight_type):
     assert qdq_path.read_bytes() == before
     original = onnx.load(qdq_path)
     assert len(res.plan.layers) == 4 and not res.plan.skipped
-    # onnxruntime left conv2 without a bias and mm (a graph output) without a bias Add: the only extra ops
-    # are those, and the report lists them
+    # onnxruntime left conv2 without a bias and mm (a graph output) without a bias Add.  conv2 runs in float
+    # on onnxruntime (its output feeds the residual Add unquantized), so its new bias is a float constant,
+    # not an int32 DQ that would stay in onnxruntime's graph; mm's Add is the one extra op, and reported
+    assert "conv2" in fusion_report(original, _integer_weights(original, res.plan)).float_
+    assert "float bias" in res.stages["fold"]["strategies"]["conv2"]
     inserted = res.stages["fold"]["inserted_ops"]
     by_name = {n.name: n.op_type for n in res.model.graph.node}
     assert _ops(res.model) - _ops(original) == Counter(by_name[n] for n in inserted)
-    assert sorted(inserted) == ["conv2_cwac_bias_DequantizeLinear", "mm_cwac_Add"] or len(inserted) < 2
+    assert inserted == ["mm_cwac_Add"] or inserted == []
     assert res.stages["fold"]["check"]["forced_max_rel"]["y"] <= 1e-5
     assert res.cwac.output_error[res.cwac.target] <= res.cwac.output_error["none"]
     # activation quantizers untouched: same scales and zero points as onnxruntime chose
@@ -64,6 +70,23 @@ def test_upgrade_ort_quantize_static_model(tmp_path, weight_type):
         if node.op_type == "QuantizeLinear":
             for name in node.input[1:]:
                 np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_float_bias_computes_what_the_int32_bias_dq_computes(tmp_path):
+    """A bias-free layer onnxruntime runs in float gets its new bias as a float constant holding the values
+    the int32 bias DQ would have produced: the fused graph computes bit for bit the same, with one op fewer."""
+    float_path, qdq_path, calib = _ort_quantized(tmp_path)
+    res = upgrade_model(qdq_path, float_path, calib, tmp_path / "up.onnx", CompileConfig(holdout_samples=8),
+                        measure=False)
+    assert "conv2" in res.cwac.compensations
+    _, with_dq, dq_stats = build_graphs(res.plain_model, res.cwac.compensations)
+    _, with_float, float_stats = build_graphs(res.plain_model, res.cwac.compensations, float_bias=frozenset({"conv2"}))
+    assert dq_stats["inserted_ops"] == ["conv2_cwac_bias_DequantizeLinear", "mm_cwac_Add"]
+    assert float_stats["inserted_ops"] == ["mm_cwac_Add"]
+    assert _ops(with_dq) - _ops(with_float) == Counter({"DequantizeLinear": 1})
+    feed = {"x": np.concatenate([c["x"] for c in calib])}
+    a, b = (make_session(m, optimized=False).run(None, feed)[0] for m in (with_dq, with_float))
+    np.testing.assert_array_equal(a, b)
 
 
 def test_qdq_model_passed_as_float_is_explained(tmp_path):

@@ -118,7 +118,8 @@ def upgrade_table(results: dict) -> list[str]:
     lines = ["## Upgrade mode summary (deployed, first headline metric)", "",
              "onnxruntime `quantize_static` with its best W8A8 configuration (and the same with int4 weights), "
              "upgraded with CWAC on its own grid.  *inserted*: ops the fold added to the QDQ graph (none is the "
-             "goal); *runtime ops*: what onnxruntime's optimized graph runs, upgraded minus input.", "",
+             "goal); *runtime ops*: what onnxruntime's optimized graph runs, upgraded minus input (onnxruntime "
+             "turns a float Conv bias into int32 + DequantizeLinear itself: docs/CWAC.md).", "",
              "| model | bits | float | onnxruntime | upgraded | SQNR (dB) | held-out output error | inserted | "
              "runtime ops | integer kernels (input → upgraded) |", "|---|---|---:|---:|---:|---|---|---|---|---|"]
     for model, key, f, bits, base, up in _pairs(results, {b: (f"ort-best-{b}", f"upgrade-ort-best-{b}")

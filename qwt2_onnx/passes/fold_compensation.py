@@ -24,7 +24,14 @@ Cases::
 Bias slot: int32 bias DQ (``--target ort``) is requantized with scale exactly
 ``s_x·s_w'[c]``; a float bias (``--target trt``) is updated in float.  A MatMul
 whose bias lives in the following Add gets β folded into that Add's constant.
-With no bias slot at all an ``Add`` is inserted and *reported* in the stats.
+A Conv / ConvTranspose / Gemm without one gets a bias input: an int32 bias DQ
+for the ort target (reported as an inserted op: onnxruntime folds it into its
+integer kernel), or a float constant -- for the trt target, and for a layer
+onnxruntime runs in float anyway (``float_bias``: another tool's model, where
+an int32 bias DQ would stay in onnxruntime's graph as an op of its own; its
+values are the int32 grid's, so the layer computes exactly what the DQ would
+have given it).  With no bias slot at all an ``Add`` is inserted and
+*reported* in the stats.
 
 Exactness: the int32 bias is rounded to its grid, so the caller snaps β to
 that grid first (:func:`snap_bias`): the unfused graph then computes exactly
@@ -193,11 +200,14 @@ def _to_per_channel(node: gs.Node) -> bool:
 
 class FoldCompensationPass:
     """``int32_bias``: a layer with no bias slot gets an int32 bias DQ (onnxruntime target) rather than a
-    float bias (TensorRT target)."""
+    float bias (TensorRT target); ``float_bias``: layers that get a float bias (on the int32 grid) even so,
+    because onnxruntime runs them in float."""
 
-    def __init__(self, compensations: dict[str, Compensation], int32_bias: bool = True):
+    def __init__(self, compensations: dict[str, Compensation], int32_bias: bool = True,
+                 float_bias: frozenset[str] = frozenset()):
         self.compensations = compensations
         self.int32_bias = int32_bias
+        self.float_bias = float_bias
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         nodes = {n.name: n for n in graph.nodes}
@@ -217,7 +227,8 @@ class FoldCompensationPass:
                 logger.debug("not folding %s: %s", layer, reason)
                 continue
             w_scale = folded_weight_scale(node, comp.gain)
-            strategies[layer] = strategies_note + self._fold_bias(graph, node, comp, w_scale, inserted, self.int32_bias)
+            strategies[layer] = strategies_note + self._fold_bias(graph, node, comp, w_scale, inserted, self.int32_bias,
+                                                                  layer in self.float_bias)
             self._fold_gain(node, comp.gain, w_scale)
         if inserted:
             graph.cleanup().toposort()
@@ -264,7 +275,7 @@ class FoldCompensationPass:
 
     @staticmethod
     def _fold_bias(graph: gs.Graph, node: gs.Node, comp: Compensation, w_scale: np.ndarray,
-                   inserted: list[str], int32_bias: bool) -> str:
+                   inserted: list[str], int32_bias: bool, float_bias: bool = False) -> str:
         slot = bias_slot(node)
         g, beta = comp.gain.astype(np.float64), comp.bias.astype(np.float64)
         if slot is None:
@@ -272,6 +283,9 @@ class FoldCompensationPass:
                 if int32_bias and _producer(node.inputs[0], "DequantizeLinear") is not None:
                     scale = folded_bias_scale(node, w_scale)
                     b_int = _to_int32(np.round(beta / scale.astype(np.float64)), node.name)
+                    if float_bias:  # what the DQ would compute: float32(q)·scale, one float32 product
+                        node.inputs.append(gs.Constant(f"{node.name}_cwac_bias", b_int.astype(np.float32) * scale))
+                        return "gain->weight scale, beta->new float bias input (runs in float; int32 grid values)"
                     out = gs.Variable(f"{node.name}_cwac_bias_dequantized", dtype=np.float32, shape=[b_int.size])
                     graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}_cwac_bias_DequantizeLinear",
                                                attrs={"axis": 0}, outputs=[out], inputs=[
