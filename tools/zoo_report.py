@@ -87,18 +87,30 @@ def _pairs(results: dict, variants: dict[str, tuple[str, str]]):
                 yield model, key, f, tag, a, b
 
 
+def _worse(cwac: dict) -> str:
+    """The chosen target's per-sample account: held-out samples it made worse, of n, and what their rises
+    add up to as a fraction of no compensation's held-out error (– where the row predates the account)."""
+    acc, target = cwac.get("held_out_samples"), cwac["target"]
+    if not acc or target not in acc["worse_than_none"]:
+        return "–"
+    added = acc["added_error"][target]
+    return f"{acc['worse_than_none'][target]}/{acc['n']}" + (f" (+{added:.1%})" if added else "")
+
+
 def cwac_table(results: dict) -> list[str]:
     """Plain vs CWAC, deployed headline metric, gap recovered, and the fold's invariants."""
     lines = ["## CWAC summary (deployed, first headline metric)", "",
              "*gap recovered* = (CWAC − plain) / (float − plain), where plain < float.  *held-out output error*: "
              "Σ over outputs of MSE / mean(float²) on the held-out calibration part, the quantity the gate "
-             "judges by (none → chosen).  *fold check*: max relative difference fused vs unfused given the same "
+             "judges by (none → chosen); *samples worse*: held-out samples whose share of that error the chosen "
+             "target raised, and what the rises add up to as a fraction of the error without CWAC.  *fold check*: max relative difference fused vs unfused given the same "
              "activation codes (outputs and every quantizer input), from each compile's own check (on 16 of its "
              "calibration samples; docs/CWAC.md has 16 unseen samples per model, tools/fold_check_zoo.py); *ops*: fused op histogram == plain.  The default "
              "evaluation sets are small (20 det images, 60 YOLOv8n images, 2000 cls lines): where variants are a "
              "sample or two apart, read the larger sets below.", "",
              "| model | bits/target | float | plain | CWAC | gap recovered | SQNR plain → CWAC (dB) | "
-             "held-out output error | fold check | ops equal |", "|---|---|---:|---:|---:|---:|---|---|---:|---|"]
+             "held-out output error | samples worse | fold check | ops equal |",
+             "|---|---|---:|---:|---:|---:|---|---|---|---:|---|"]
     for model, key, f, tag, plain, cw in _pairs(results, {t: (f"ours-{t}-plain", f"ours-{t}")
                                                            for t in ("w8a8-ort", "w8a8-trt", "w4a8-ort")}):
         p, c = plain["deployed"][key], cw["deployed"][key]
@@ -109,7 +121,8 @@ def cwac_table(results: dict) -> list[str]:
                      *chk.get("forced_layer_max_rel", chk.get("forced_quantizer_max_rel", {})).values()])
         lines.append(f"| {model} | {tag} | {f:.4f} | {p:.4f} | {c:.4f} | {gap} | {_sqnr(plain, 'deployed')} → "
                      f"{_sqnr(cw, 'deployed')} | {err['none']:.3g} → {err[cw['cwac']['target']]:.3g} "
-                     f"({cw['cwac']['target']}) | {worst:.1e} | {cw.get('op_histogram_equal_plain')} |")
+                     f"({cw['cwac']['target']}) | {_worse(cw['cwac'])} | {worst:.1e} | "
+                     f"{cw.get('op_histogram_equal_plain')} |")
     return lines + [""]
 
 
@@ -120,8 +133,9 @@ def upgrade_table(results: dict) -> list[str]:
              "upgraded with CWAC on its own grid.  *inserted*: ops the fold added to the QDQ graph (none is the "
              "goal); *runtime ops*: what onnxruntime's optimized graph runs, upgraded minus input (onnxruntime "
              "turns a float Conv bias into int32 + DequantizeLinear itself: docs/CWAC.md).", "",
-             "| model | bits | float | onnxruntime | upgraded | SQNR (dB) | held-out output error | inserted | "
-             "runtime ops | integer kernels (input → upgraded) |", "|---|---|---:|---:|---:|---|---|---|---|---|"]
+             "| model | bits | float | onnxruntime | upgraded | SQNR (dB) | held-out output error | samples worse | "
+             "inserted | runtime ops | integer kernels (input → upgraded) |",
+             "|---|---|---:|---:|---:|---|---|---|---|---|---|"]
     for model, key, f, bits, base, up in _pairs(results, {b: (f"ort-best-{b}", f"upgrade-ort-best-{b}")
                                                         for b in ("w8a8", "w4a8")}):
         c = up["cwac"]
@@ -130,7 +144,8 @@ def upgrade_table(results: dict) -> list[str]:
         runtime = "–" if diff is None else ", ".join(f"{k} {v:+d}" for k, v in diff.items()) or "same"
         lines.append(f"| {model} | {bits} | {f:.4f} | {base['deployed'][key]:.4f} | {up['deployed'][key]:.4f} | "
                      f"{_sqnr(base, 'deployed')} → {_sqnr(up, 'deployed')} | {err['none']:.3g} → "
-                     f"{err[c['target']]:.3g} ({c['target']}) | {len(c.get('inserted_ops', []))} | {runtime} | "
+                     f"{err[c['target']]:.3g} ({c['target']}) | {_worse(c)} | {len(c.get('inserted_ops', []))} | "
+                     f"{runtime} | "
                      f"{base.get('fusion', '–')} → {up.get('fusion', '–')} |")
     return lines + [""]
 
