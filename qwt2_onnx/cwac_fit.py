@@ -29,8 +29,8 @@ are split into a fit part and a held-out part (the last ``holdout_fraction``):
    graph outputs' error vs float on the held-out part (sum over outputs of
    mean squared error / mean square of the float output); the lowest wins,
    and "none" wins if no compensation pays.  The ranking is by the sum over
-   held-out samples; how many samples a candidate made worse, and by how
-   much at most, is reported beside it (``CwacFit.held_out_samples``).
+   held-out samples; how many samples a candidate made worse, and what
+   their rises add up to, is reported beside it (``CwacFit.held_out_samples``).
 """
 from __future__ import annotations
 

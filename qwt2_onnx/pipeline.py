@@ -194,7 +194,7 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
             raise QwtError("no quantized layer of the QDQ model has a float counterpart to fit against",
                            notes=[f"{name}: {why}" for name, why in list(plan.skipped.items())[:10]],
                            fix="pass the float model the QDQ model was quantized from; node names must match")
-        # a bias-free layer that onnxruntime runs in float gets a float bias: an int32 bias DQ would stay
+        # a bias-free layer that onnxruntime runs in float gets a float bias, not one more DQ op in the graph
         float_layers = frozenset(fusion_report(plain, _integer_weights(plain, plan)).float_) \
             if config.quant.target == "ort" and config.cwac.enabled else frozenset()
     calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
