@@ -111,12 +111,10 @@ class CwacFit:
                 "held_out_samples": self.held_out_samples()}
 
     def summary(self, n_layers: int) -> dict:
-        return {"target": self.target, "compensated": len(self.compensations), "layers": n_layers,
+        return {**self.gate_record(), "compensated": len(self.compensations), "layers": n_layers,
                 "stages": self.stages,
                 "score_heads_keep_spread": sum(f.stats.get("fit") == "keep spread" for f in self.layers),
                 "real_positions_only": self.real_positions_layers,
-                "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
-                "held_out_samples": self.held_out_samples(),
                 "full_range_negative_gain_left_alone": self.full_range_left_alone, "fit_s": round(self.seconds, 2)}
 
 

@@ -99,32 +99,31 @@ def output_errors(float_model: onnx.ModelProto, model: onnx.ModelProto, data: Ca
     cand = make_session(with_outputs(model, cand_names), optimized=False)
     err = [0.0] * len(ref_names)
     power = [0.0] * len(ref_names)
-    sample_err: list[list[np.ndarray | None]] = [[] for _ in ref_names]
+    sample_err: list[list[float]] = [[] for _ in ref_names]
+    per_sample_axis = True
     for feed, n in batches(data, batch_size):
         mask = feed[position_mask] if position_mask else None
         for i, (r, c) in enumerate(zip(ref.run(ref_names, feed), cand.run(cand_names, feed))):
-            sq = (c.astype(np.float64) - r.astype(np.float64)) ** 2
-            sample_err[i].append(_per_sample(sq, n, mask))
-            _, (r, c) = real_positions(mask, -1, r, c)
-            r64, c64 = r.astype(np.float64), c.astype(np.float64)
-            err[i] += float(np.sum((c64 - r64) ** 2))
-            power[i] += float(np.sum(r64 ** 2))
+            pieces = _samples(r, n, mask)
+            per_sample_axis &= pieces is not None
+            for rows, m in pieces or [(Ellipsis, mask)]:  # each sample's rows, restricted like the whole batch
+                _, (rk, ck) = real_positions(m, -1, r[rows], c[rows])
+                r64 = rk.astype(np.float64)
+                e = float(np.sum((ck.astype(np.float64) - r64) ** 2))
+                sample_err[i].append(e)
+                err[i] += e
+                power[i] += float(np.sum(r64 ** 2))
     total = float(sum(e / max(p, 1e-30) for e, p in zip(err, power)))
-    if any(s is None for part in sample_err for s in part):
+    if not per_sample_axis:
         return OutputError(total, None)
-    per_sample = sum(np.concatenate(part) / max(p, 1e-30) for part, p in zip(sample_err, power))
+    per_sample = sum(np.asarray(part) / max(p, 1e-30) for part, p in zip(sample_err, power))
     return OutputError(total, np.asarray(per_sample, dtype=np.float64))
 
 
-def _per_sample(sq: np.ndarray, n: int, mask: np.ndarray | None) -> np.ndarray | None:
-    """Each of a batch's ``n`` samples' Σ of ``sq`` (squared errors laid out like the output), over the
-    positions :func:`cwac.real_positions` would keep; None when the leading axis is not per sample."""
-    if sq.ndim == 0 or sq.shape[0] % n:
+def _samples(t: np.ndarray, n: int, mask: np.ndarray | None) -> list[tuple[slice, np.ndarray | None]] | None:
+    """Each of a batch's ``n`` samples as (its rows of ``t``, its row of the mask): ``t``'s leading axis
+    holds the samples one after another ([batch, ...] or [batch·seq, ...]); None when it does not."""
+    if t.ndim == 0 or t.shape[0] % n:
         return None
-    if mask is not None and sq.ndim >= 2:
-        keep = mask != 0
-        if sq.ndim >= 3 and sq.shape[:2] == mask.shape:
-            return (sq.reshape(*mask.shape, -1).sum(-1) * keep).sum(1)
-        if sq.shape[0] == mask.size:
-            return (sq.reshape(sq.shape[0], -1).sum(1) * keep.ravel()).reshape(n, -1).sum(1)
-    return sq.reshape(n, -1).sum(1)
+    rows = t.shape[0] // n
+    return [(slice(k * rows, (k + 1) * rows), None if mask is None else mask[k:k + 1]) for k in range(n)]

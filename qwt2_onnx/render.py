@@ -53,10 +53,9 @@ def _cwac_lines(result) -> list[str]:
              f"in {fit.stages} stages, fit {fit.seconds:.1f}s; held-out output error: {errs}"]
     samples = fit.held_out_samples()
     if samples and samples["worse_than_none"]:
-        each = ", ".join(f"{t} {k}" + (f" (adding {samples['added_error'][t]:.1%} of plain's error)"
-                                        if k and samples["added_error"][t] is not None else "")
-                         for t, k in samples["worse_than_none"].items())
-        lines.append(f"  held-out samples whose output error the candidate raised, of {samples['n']}: {each}")
+        from .report import held_out_account
+
+        lines.append("  " + held_out_account(samples))
     if fit.real_positions_layers:
         lines.append(f"  statistics and gates on real positions only (--cwac-position-mask): "
                      f"{fit.real_positions_layers} layers")

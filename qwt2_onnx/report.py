@@ -181,14 +181,22 @@ def _comparison_html(c: Comparison) -> str:
     return "<section>" + "".join(parts) + "</section>"
 
 
+def held_out_account(samples: dict) -> str:
+    """One line of ``CwacFit.held_out_samples``: per candidate, the held-out samples it made worse and what
+    their rises add up to (the compile's terminal summary and the HTML report both print it)."""
+    each = ", ".join(f"{t} {k}" + (f" (adding {samples['added_error'][t]:.1%} of plain's error)"
+                                    if k and samples["added_error"][t] is not None else "")
+                     for t, k in samples["worse_than_none"].items())
+    return f"held-out samples whose output error the candidate raised, of {samples['n']}: {each}"
+
+
 def _gate_html(gate: dict | None) -> str:
     """The CWAC output gate's choice: each candidate's held-out output error and the samples it made worse."""
     if not gate:
         return ""
     errs = ", ".join(f"{html.escape(k)} {v:.3g}" for k, v in gate["output_error"].items())
     samples = gate["held_out_samples"]
-    worse = "" if not samples else "; held-out samples whose error a candidate raised, of {}: {}".format(
-        samples["n"], ", ".join(f"{html.escape(t)} {k}" for t, k in samples["worse_than_none"].items()))
+    worse = f"; {html.escape(held_out_account(samples))}" if samples and samples["worse_than_none"] else ""
     return (f"<section><h2>CWAC output gate</h2><p>kept: <b>{html.escape(gate['target'])}</b> · held-out output "
             f"error (Σ over outputs of MSE / mean(float²)): {errs}{worse}</p></section>")
 
