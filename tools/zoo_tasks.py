@@ -658,7 +658,25 @@ class RecTask(Task):
         return res
 
 
-class ClsTask(Task):
+class _ClassifierTask(Task):
+    """A classifier scored by accuracy on ``eval_set`` (inputs, labels) and by agreement with float."""
+
+    eval_set: tuple[np.ndarray, np.ndarray]
+
+    def evaluate(self, session, float_session=None):
+        x, y = self.eval_set
+        pred = _run(session, x).argmax(-1)
+        res = {"acc": float(np.mean(pred == y))}
+        if float_session is not None:
+            res["agree_float"] = float(np.mean(pred == _run(float_session, x).argmax(-1)))
+        return res
+
+    def correct(self, session):
+        x, y = self.eval_set
+        return _run(session, x).argmax(-1) == y
+
+
+class ClsTask(_ClassifierTask):
     name = "ppocr_cls"
     input_shape = (1, 3, 48, 192)
     n_eval = 2000  # with 100, float (0.99) and every int8 variant were one sample apart: too coarse to rank
@@ -684,20 +702,8 @@ class ClsTask(Task):
         return self._samples(np.random.default_rng([EVAL_SEED, 2]), self.n_eval,
                              _word_half(0))
 
-    def evaluate(self, session, float_session=None):
-        x, y = self.eval_set
-        pred = _run(session, x).argmax(-1)
-        res = {"acc": float(np.mean(pred == y))}
-        if float_session is not None:
-            res["agree_float"] = float(np.mean(pred == _run(float_session, x).argmax(-1)))
-        return res
 
-    def correct(self, session):
-        x, y = self.eval_set
-        return _run(session, x).argmax(-1) == y
-
-
-class OrientationTask(Task):
+class OrientationTask(_ClassifierTask):
     """Class k ("0","90","180","270"): the page is rotated k*90 degrees
     clockwise, i.e. ``np.rot90(page, -k)``."""
     name = "orientation"
@@ -742,18 +748,6 @@ class OrientationTask(Task):
     def eval_set(self):
         return self._samples(np.random.default_rng([EVAL_SEED, 3]),
                              4 * self.n_per_angle, _word_half(0))
-
-    def evaluate(self, session, float_session=None):
-        x, y = self.eval_set
-        pred = _run(session, x).argmax(-1)
-        res = {"acc": float(np.mean(pred == y))}
-        if float_session is not None:
-            res["agree_float"] = float(np.mean(pred == _run(float_session, x).argmax(-1)))
-        return res
-
-    def correct(self, session):
-        x, y = self.eval_set
-        return _run(session, x).argmax(-1) == y
 
 
 class DetTask(Task):
