@@ -13,14 +13,16 @@ import jsonschema
 import numpy as np
 import onnx
 import pytest
-from tiny_models import conv_net, masked_token_net, sigmoid_head_net
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import conv_net, linear_chains, masked_token_net, random_linear_net, sigmoid_head_net
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.calib_data import CalibrationSet, InputSpec
 from qwt2_onnx.config import CwacConfig
 from qwt2_onnx.cwac import ChannelSums, fit_affine, real_positions
-from qwt2_onnx.cwac_gate import output_error, output_errors
 from qwt2_onnx.cwac_fit import score_head_layers, staged_fit
+from qwt2_onnx.cwac_gate import output_error, output_errors
 from qwt2_onnx.cwac_reference import prefix_staged_fit
 from qwt2_onnx.equivalence import check_fold
 from qwt2_onnx.errors import QwtError
@@ -155,6 +157,34 @@ def test_segment_cached_fit_equals_whole_prefix_reruns_with_a_score_head(tmp_pat
     for name, comp in ref.items():
         np.testing.assert_array_equal(comps[name].gain, comp.gain)
         np.testing.assert_array_equal(comps[name].bias, comp.bias)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chain=linear_chains(), seed=st.integers(0, 2**16))
+def test_segment_cached_fit_equals_whole_prefix_reruns_on_random_graphs(tmp_path_factory, chain, seed):
+    """Random layer chains (grouped / depthwise Conv, ConvTranspose, Gemm in either layout, 2-D and per-position
+    MatMul): the fast staged fit is bit-identical to the slow definition, and the compile folds what it fitted
+    with the plain graph's op histogram."""
+    channels, convs, denses, tokens = chain
+    tmp = tmp_path_factory.mktemp("fit_random")
+    onnx.save(random_linear_net(convs, denses, channels, tokens=tokens, seed=seed), tmp / "m.onnx")
+    rng = np.random.default_rng(seed)
+    calib = [{"x": rng.normal(size=(1, channels, 6, 6)).astype(np.float32)} for _ in range(16)]
+    res = compile_model(tmp / "m.onnx", calib, tmp / "q.onnx", CompileConfig(quant=QuantConfig(wbits=4),
+                        cwac=CwacConfig(enabled=False), holdout_samples=0), measure=False)
+    cfg = CwacConfig(target="global")  # the slow definition's target
+    data = CalibrationSet(lambda: iter(calib), InputSpec.from_model(res.float_model), "test", len(calib))
+    comps, fits = staged_fit(res.float_model, res.plain_model, res.plan, data, "global", cfg, batch_size=4)
+    ref = prefix_staged_fit(res.float_model, res.plain_model, res.plan, data, cfg, batch_size=4)
+    assert len(fits) == len(res.plan.layers) and set(comps) == set(ref), (set(comps), set(ref))
+    for name, comp in ref.items():
+        np.testing.assert_array_equal(comps[name].gain, comp.gain)
+        np.testing.assert_array_equal(comps[name].bias, comp.bias)
+    on = compile_model(tmp / "m.onnx", calib, tmp / "c.onnx", CompileConfig(quant=QuantConfig(wbits=4),
+                       holdout_samples=0), measure=False)  # the default: CWAC on, target auto
+    ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
+    assert ops(on.model) == ops(on.plain_model) and not on.stages["fold"]["inserted_ops"]
+    assert on.cwac.output_error[on.cwac.target] <= on.cwac.output_error["none"]
 
 
 def test_fit_is_the_same_with_every_cached_tensor_on_disk(tmp_path, monkeypatch):

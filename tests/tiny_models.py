@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -141,3 +142,89 @@ def masked_token_net(seed: int = 0, tokens: int = 6) -> onnx.ModelProto:
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     return m
+
+
+def random_linear_net(convs, denses, channels: int = 3, hw: int = 6, tokens: bool = False,
+                      seed: int = 0) -> onnx.ModelProto:
+    """A chain of quantizable layers drawn by a property test::
+
+        x[N,channels,hw,hw] ─► convs ─┬─► GlobalAveragePool ─► Flatten ─► denses ─► y[N,·]     (tokens=False)
+                                      └─► Reshape[N,C,HW] ─► Transpose[N,HW,C] ─► denses ─► y[N,HW,·]
+
+    ``convs``: ``(op, out_channels, kernel, group, bias, relu)`` with op ``Conv`` or ``ConvTranspose``
+    (kernel 2, stride 2); ``group`` must divide both channel counts.  ``denses``: ``(op, out, bias, relu)``
+    with op ``Gemm`` (``transB`` 1 when ``out`` is odd; 2-D only, so never with ``tokens``) or ``MatMul``
+    (its bias, if any, in a following ``Add``)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x, c = [], [], "x", channels
+
+    def add(op, inputs, attrs=None, relu=False):
+        out = f"t{len(nodes)}"
+        nodes.append(helper.make_node(op, inputs, [out], name=f"n{len(nodes)}", **(attrs or {})))
+        if relu:
+            nodes.append(helper.make_node("Relu", [out], [out + "r"], name=f"n{len(nodes)}"))
+            out += "r"
+        return out
+
+    def weight(shape, scale):
+        name = f"w{len(inits)}"
+        inits.append(_f32(name, rng.normal(size=shape) * scale))
+        return name
+
+    for op, out, k, group, bias, relu in convs:
+        if op == "Conv":
+            ins = [x, weight((out, c // group, k, k), (c // group * k * k) ** -0.5)]
+            attrs = {"pads": [k // 2] * 4, "group": group}
+        else:
+            ins = [x, weight((c, out // group, 2, 2), c ** -0.5)]
+            attrs = {"strides": [2, 2], "group": group}
+        if bias:
+            ins.append(weight((out,), 0.5))
+        x, c = add(op, ins, attrs, relu), out
+    if tokens:
+        inits.append(numpy_helper.from_array(np.array([0, c, -1], np.int64), "to_tokens"))
+        x = add("Transpose", [add("Reshape", [x, "to_tokens"])], {"perm": [0, 2, 1]})
+    else:
+        x = add("Flatten", [add("GlobalAveragePool", [x])])
+    for op, out, bias, relu in denses:
+        if op == "Gemm":
+            trans = out % 2
+            ins = [x, weight((out, c) if trans else (c, out), c ** -0.5)] + ([weight((out,), 0.5)] if bias else [])
+            x = add("Gemm", ins, {"transB": trans}, relu)
+        else:
+            x = add("MatMul", [x, weight((c, out), c ** -0.5)], relu=relu and not bias)
+            if bias:
+                x = add("Add", [x, weight((out,), 0.5)], relu=relu)
+        c = out
+    nodes[-1].output[0] = "y"
+    shape = ["N", "T", c] if tokens else ["N", c]
+    g = helper.make_graph(nodes, "random_linear_net",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, hw, hw])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+@st.composite
+def linear_chains(draw):
+    """Hypothesis strategy: (input channels, convs, denses, tokens) for :func:`random_linear_net`.  0–3 Conv /
+    depthwise / grouped Conv / ConvTranspose layers, then 1–2 Gemm (either weight layout) / MatMul (± bias Add)
+    layers, with or without biases and Relus; the dense part runs per image or per position (3-D MatMul)."""
+    c = c0 = draw(st.sampled_from([2, 3, 4]))
+    convs, upsampled = [], False
+    for _ in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["conv", "depthwise", "grouped", "transpose"]))
+        if kind == "transpose" and upsampled:
+            kind = "conv"
+        out = c if kind == "depthwise" else draw(st.sampled_from([2, 4, 5]))
+        group = {"depthwise": c, "grouped": 2 if c % 2 == 0 and out % 2 == 0 else 1}.get(kind, 1)
+        op = "ConvTranspose" if kind == "transpose" else "Conv"
+        upsampled |= op == "ConvTranspose"
+        convs.append((op, out, draw(st.sampled_from([1, 3])), group, draw(st.booleans()), draw(st.booleans())))
+        c = out
+    tokens = draw(st.booleans())
+    denses = [(draw(st.sampled_from(["MatMul"] if tokens else ["Gemm", "MatMul"])), draw(st.integers(2, 5)),
+               draw(st.booleans()), draw(st.booleans())) for _ in range(draw(st.integers(1, 2)))]
+    return c0, convs, denses, tokens
