@@ -8,7 +8,10 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from tiny_models import conv_net, linear_chains, random_linear_net
 
 from qwt2_onnx import CompileConfig, QwtError, compile_model
 from qwt2_onnx.cli import main
@@ -17,7 +20,6 @@ from qwt2_onnx.cwac import build_graphs
 from qwt2_onnx.inspect_ort import fusion_report
 from qwt2_onnx.pipeline import _integer_weights, upgrade_model
 from qwt2_onnx.runtime import make_session
-from tiny_models import conv_net
 
 
 class _Reader(CalibrationDataReader):
@@ -28,14 +30,14 @@ class _Reader(CalibrationDataReader):
         return next(self.it, None)
 
 
-def _ort_quantized(tmp_path, weight_type=QuantType.QInt8, n=24):
+def _ort_quantized(tmp_path, weight_type=QuantType.QInt8, n=24, per_channel=True):
     float_path = tmp_path / "f.onnx"
     onnx.save(conv_net(seed=3), float_path)
     rng = np.random.default_rng(3)
     calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
     qdq_path = tmp_path / "ort.onnx"
-    quantize_static(str(float_path), str(qdq_path), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=weight_type)
+    quantize_static(str(float_path), str(qdq_path), _Reader(calib), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, weight_type=weight_type)
     return float_path, qdq_path, calib
 
 
@@ -70,6 +72,22 @@ def test_upgrade_ort_quantize_static_model(tmp_path, weight_type):
         if node.op_type == "QuantizeLinear":
             for name in node.input[1:]:
                 np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_upgrade_ort_default_per_tensor_model(tmp_path):
+    """onnxruntime's defaults quantize weights per tensor, with a per-tensor int32 bias DQ (a scalar scale);
+    the fold makes both per channel (this failed in onnxruntime's DQ until the bias DQ got axis 0)."""
+    float_path, qdq_path, calib = _ort_quantized(tmp_path, per_channel=False)
+    res = upgrade_model(qdq_path, float_path, calib, tmp_path / "up.onnx", CompileConfig(holdout_samples=8),
+                        measure=False)
+    strategies = res.stages["fold"]["strategies"]
+    assert all(s.startswith("per-tensor weight converted to per-channel") for s in strategies.values()), strategies
+    assert "int32 bias" in strategies["conv1"] and "conv1" in res.cwac.compensations
+    check = res.stages["fold"]["check"]
+    assert max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()]) <= 1e-5
+    dq = {n.output[0]: n for n in res.model.graph.node if n.op_type == "DequantizeLinear"}
+    conv1 = next(n for n in res.model.graph.node if n.name == "conv1")
+    assert dq[conv1.input[2]].attribute[0].name == "axis" and dq[conv1.input[2]].attribute[0].i == 0
 
 
 def test_float_bias_computes_what_the_int32_bias_dq_computes(tmp_path):
@@ -131,3 +149,52 @@ def test_cwac_params_with_unknown_names_or_wrong_sizes(tmp_path):
         with pytest.raises(QwtError, match=match):
             compile_model(tmp_path / "m.onnx", calib, tmp_path / "q.onnx", cfg)
         assert not (tmp_path / "q.onnx").exists()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chain=linear_chains(), weight_type=st.sampled_from([QuantType.QInt8, QuantType.QInt4]),
+       per_channel=st.booleans(), symmetric=st.booleans(), reduce_range=st.booleans(),
+       kinds=st.sets(st.sampled_from(["neg", "zero"])), seed=st.integers(0, 2**16))
+def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_factory, chain, weight_type,
+                                                                      per_channel, symmetric, reduce_range, kinds,
+                                                                      seed):
+    """Random layer chains quantized by onnxruntime with per-tensor or per-channel, symmetric (full range: rows
+    holding -128 / -8) or asymmetric (nonzero zero points) weights, int8 or int4; random gains (negative and zero
+    included) folded through --cwac-params.  Every channel is folded or left alone and counted, never wrapped:
+    fused and unfused agree given the same codes, every op the fold added is reported, and onnxruntime's
+    activation quantizers stay as they were."""
+    channels, convs, denses, tokens = chain
+    tmp = tmp_path_factory.mktemp("upgrade_random")
+    onnx.save(random_linear_net(convs, denses, channels, tokens=tokens, seed=seed), tmp / "f.onnx")
+    rng = np.random.default_rng(seed)
+    calib = [{"x": rng.normal(size=(1, channels, 6, 6)).astype(np.float32)} for _ in range(12)]
+    quantize_static(str(tmp / "f.onnx"), str(tmp / "ort.onnx"), _Reader(calib), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, weight_type=weight_type, reduce_range=reduce_range,
+                    extra_options={"WeightSymmetric": symmetric})
+    before = (tmp / "ort.onnx").read_bytes()
+    probe = upgrade_model(tmp / "ort.onnx", tmp / "f.onnx", calib, tmp / "probe.onnx",
+                          CompileConfig(cwac=CwacConfig(enabled=False), holdout_samples=0), measure=False)
+    inits = {t.name: t for t in probe.float_model.graph.initializer}
+    params = {}
+    for lp in probe.plan.layers:
+        c = inits[lp.weight].dims[lp.axis]
+        g = rng.uniform(0.5, 1.5, c) * (rng.choice([1, -1], c) if "neg" in kinds else 1)
+        if "zero" in kinds:
+            g[rng.integers(0, c)] = 0.0
+        params[f"{lp.weight}:gain"], params[f"{lp.weight}:bias"] = g, rng.normal(0, 0.3, c)
+    np.savez(tmp / "p.npz", **params)
+    res = upgrade_model(tmp / "ort.onnx", tmp / "f.onnx", calib, tmp / "up.onnx",
+                        CompileConfig(cwac=CwacConfig(params=str(tmp / "p.npz")), holdout_samples=4), measure=False)
+    assert (tmp / "ort.onnx").read_bytes() == before
+    fold = res.stages["fold"]
+    assert set(res.cwac.compensations) == {lp.node for lp in probe.plan.layers}
+    assert max([*fold["check"]["forced_max_rel"].values(), *fold["check"]["forced_layer_max_rel"].values()]) <= 1e-5
+    original = onnx.load(tmp / "ort.onnx")
+    by_name = {n.name: n.op_type for n in res.model.graph.node}
+    assert _ops(res.model) - _ops(original) == Counter(by_name[n] for n in fold["inserted_ops"])
+    a = {t.name: onnx.numpy_helper.to_array(t) for t in original.graph.initializer}
+    b = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    for node in original.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in a:  # an activation quantizer
+            for name in node.input[1:]:
+                np.testing.assert_array_equal(a[name], b[name])

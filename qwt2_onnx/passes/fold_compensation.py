@@ -311,11 +311,16 @@ class FoldCompensationPass:
             b.values = (scale_b * bvals + beta.reshape(bvals.shape)).astype(np.float32)
             return "gain->weight scale, beta->float bias"
         b_int, b_scale = dq.inputs[0], dq.inputs[1]
-        b = _values(b_int).astype(np.float64) * _values(b_scale).astype(np.float64)
+        b_zp = _values(dq.inputs[2]).astype(np.float64) if len(dq.inputs) > 2 else 0.0
+        b = (_values(b_int).astype(np.float64) - b_zp) * _values(b_scale).astype(np.float64)
         new_scale = folded_bias_scale(node, w_scale)
         q = np.round((g * b.reshape(-1) + beta) / new_scale.astype(np.float64))
         b_int.values = _to_int32(q, node.name).reshape(_values(b_int).shape)
+        # the bias DQ is now per channel, whatever it was (another tool's per-tensor bias: a scalar scale)
         b_scale.values = new_scale
+        dq.attrs["axis"] = 0
+        if len(dq.inputs) > 2:
+            dq.inputs[2] = gs.Constant(f"{node.name}_cwac_bias_zero_point", np.zeros(new_scale.size, np.int32))
         return "gain->weight scale, beta->int32 bias"
 
     @staticmethod
