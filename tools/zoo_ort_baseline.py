@@ -63,6 +63,9 @@ _BASE: dict[str, dict] = {
 # (per-tensor uint8 from calibration; per_channel / reduce_range do nothing).
 ORT_CONFIGS: dict[str, dict] = {**_BASE, **{f"pp_{k}": {"pre_process": True, **v}
                                             for k, v in _BASE.items()}}
+# Not swept: per-tensor weights, the one exception to per_channel=True (upgrade mode's per-tensor path on the
+# zoo, tools/zoo_upgrade.py --configs pp_per_tensor).
+ORT_CONFIGS["pp_per_tensor"] = {"pre_process": True, "per_channel": False}
 # Winners of the sweep (tools/ort_best_configs.json has their metrics).
 ORT_CONFIGS.update({
     "best_ppocr_rec": ORT_CONFIGS["pp_rr_cmg"],

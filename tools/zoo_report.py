@@ -20,14 +20,24 @@ HEADLINE = {"ppocr_rec": ["char_acc_en", "char_acc_zh"], "ppocr_cls": ["acc", "a
 ORDER = ["ours-w8a8-ort-plain", "ours-w8a8-ort", "ours-w8a8-ort-global", "ours-w8a8-ort-local",
          "ours-w8a8-trt-plain", "ours-w8a8-trt",
          "ours-w4a8-ort-plain", "ours-w4a8-ort", "ours-w4a8-ort-global", "ours-w4a8-ort-local",
-         "ort-best-w8a8", "upgrade-ort-best-w8a8", "ort-best-w4a8", "upgrade-ort-best-w4a8"]
+         "ort-best-w8a8", "upgrade-ort-best-w8a8", "ort-best-w4a8", "upgrade-ort-best-w4a8",
+         "ort-defaults-w8a8", "upgrade-ort-defaults-w8a8", "ort-defaults-w4a8", "upgrade-ort-defaults-w4a8",
+         "ort-pp_per_tensor-w8a8", "upgrade-ort-pp_per_tensor-w8a8", "ort-pp_per_tensor-w4a8",
+         "upgrade-ort-pp_per_tensor-w4a8"]
 LABEL = {"ours-w8a8-ort-plain": "ours W8A8 ort, `--no-cwac`", "ours-w8a8-ort": "ours W8A8 ort (CWAC, auto)",
          "ours-w8a8-ort-global": "ours W8A8 ort, CWAC global", "ours-w8a8-ort-local": "ours W8A8 ort, CWAC local",
          "ours-w8a8-trt-plain": "ours W8A8 trt, `--no-cwac`", "ours-w8a8-trt": "ours W8A8 trt (CWAC, auto)",
          "ours-w4a8-ort-plain": "ours W4A8 ort, `--no-cwac`", "ours-w4a8-ort": "ours W4A8 ort (CWAC, auto)",
          "ours-w4a8-ort-global": "ours W4A8 ort, CWAC global", "ours-w4a8-ort-local": "ours W4A8 ort, CWAC local",
          "ort-best-w8a8": "onnxruntime best (W8A8)", "upgrade-ort-best-w8a8": "↳ upgraded with CWAC",
-         "ort-best-w4a8": "onnxruntime best, int4 weights", "upgrade-ort-best-w4a8": "↳ upgraded with CWAC"}
+         "ort-best-w4a8": "onnxruntime best, int4 weights", "upgrade-ort-best-w4a8": "↳ upgraded with CWAC",
+         "ort-defaults-w8a8": "onnxruntime defaults (W8A8)", "upgrade-ort-defaults-w8a8": "↳ upgraded with CWAC",
+         "ort-defaults-w4a8": "onnxruntime defaults, int4 weights",
+         "upgrade-ort-defaults-w4a8": "↳ upgraded with CWAC",
+         "ort-pp_per_tensor-w8a8": "onnxruntime per-tensor weights (W8A8)",
+         "upgrade-ort-pp_per_tensor-w8a8": "↳ upgraded with CWAC",
+         "ort-pp_per_tensor-w4a8": "onnxruntime per-tensor int4 weights",
+         "upgrade-ort-pp_per_tensor-w4a8": "↳ upgraded with CWAC"}
 
 
 def _cell(metrics: dict | None, keys: list[str]) -> str:
@@ -129,20 +139,25 @@ def cwac_table(results: dict) -> list[str]:
 def upgrade_table(results: dict) -> list[str]:
     """Upgrade mode: onnxruntime's model vs the same model upgraded with CWAC, and what the upgrade costs."""
     lines = ["## Upgrade mode summary (deployed, first headline metric)", "",
-             "onnxruntime `quantize_static` with its best W8A8 configuration (and the same with int4 weights), "
-             "upgraded with CWAC on its own grid.  *inserted*: ops the fold added to the QDQ graph (none is the "
-             "goal); *runtime ops*: what onnxruntime's optimized graph runs, upgraded minus input (onnxruntime "
-             "turns a float Conv bias into int32 + DequantizeLinear itself: docs/CWAC.md).", "",
-             "| model | bits | float | onnxruntime | upgraded | SQNR (dB) | held-out output error | samples worse | "
-             "inserted | runtime ops | integer kernels (input → upgraded) |",
-             "|---|---|---:|---:|---:|---|---|---|---|---|---|"]
-    for model, key, f, bits, base, up in _pairs(results, {b: (f"ort-best-{b}", f"upgrade-ort-best-{b}")
-                                                        for b in ("w8a8", "w4a8")}):
+             "onnxruntime `quantize_static` with its best W8A8 configuration, its defaults (QDQ, per-channel; on "
+             "the Paddle models every weight is then quantized as an activation, per tensor, and int4 does not "
+             "apply) and per-tensor weights after its pre-processing (`pp_per_tensor`), each also with int4 "
+             "weights, upgraded with CWAC on its own grid.  *inserted*: ops the "
+             "fold added to the QDQ graph (none is the goal); *runtime ops*: what onnxruntime's optimized graph "
+             "runs, upgraded minus input (onnxruntime turns a float Conv bias into int32 + DequantizeLinear "
+             "itself: docs/CWAC.md).", "",
+             "| model | bits | onnxruntime config | float | onnxruntime | upgraded | SQNR (dB) | held-out output "
+             "error | samples worse | inserted | runtime ops | integer kernels (input → upgraded) |",
+             "|---|---|---|---:|---:|---:|---|---|---|---|---|---|"]
+    pairs = {(b, c): (f"ort-{c}-{b}", f"upgrade-ort-{c}-{b}") for c in ("best", "defaults", "pp_per_tensor")
+             for b in ("w8a8", "w4a8")}
+    for model, key, f, (bits, config), base, up in _pairs(results, pairs):
         c = up["cwac"]
         err = c["output_error"]
         diff = up.get("runtime_op_diff")
         runtime = "–" if diff is None else ", ".join(f"{k} {v:+d}" for k, v in diff.items()) or "same"
-        lines.append(f"| {model} | {bits} | {f:.4f} | {base['deployed'][key]:.4f} | {up['deployed'][key]:.4f} | "
+        lines.append(f"| {model} | {bits} | {config} | {f:.4f} | {base['deployed'][key]:.4f} | "
+                     f"{up['deployed'][key]:.4f} | "
                      f"{_sqnr(base, 'deployed')} → {_sqnr(up, 'deployed')} | {err['none']:.3g} → "
                      f"{err[c['target']]:.3g} ({c['target']}) | {_worse(c)} | {len(c.get('inserted_ops', []))} | "
                      f"{runtime} | "
