@@ -163,11 +163,12 @@ def test_segment_cached_fit_equals_whole_prefix_reruns_with_a_score_head(tmp_pat
 @given(chain=linear_chains(), seed=st.integers(0, 2**16))
 def test_segment_cached_fit_equals_whole_prefix_reruns_on_random_graphs(tmp_path_factory, chain, seed):
     """Random layer chains (grouped / depthwise Conv, ConvTranspose, Gemm in either layout, 2-D and per-position
-    MatMul): the fast staged fit is bit-identical to the slow definition, and the compile folds what it fitted
+    MatMul, residual Adds, Concats, a second graph output): the fast staged fit is bit-identical to the slow definition, and the compile folds what it fitted
     with the plain graph's op histogram."""
-    channels, convs, denses, tokens = chain
+    channels, convs, denses, tokens, features = chain
     tmp = tmp_path_factory.mktemp("fit_random")
-    onnx.save(random_linear_net(convs, denses, channels, tokens=tokens, seed=seed), tmp / "m.onnx")
+    onnx.save(random_linear_net(convs, denses, channels, tokens=tokens, seed=seed, features=features),
+              tmp / "m.onnx")
     rng = np.random.default_rng(seed)
     calib = [{"x": rng.normal(size=(1, channels, 6, 6)).astype(np.float32)} for _ in range(16)]
     res = compile_model(tmp / "m.onnx", calib, tmp / "q.onnx", CompileConfig(quant=QuantConfig(wbits=4),

@@ -1,8 +1,9 @@
 """Folding CWAC into the requantization parameters preserves the unfused graph's outputs.
 
 Property tests: three fixed tiny models, and random chains of Conv (plain,
-grouped, depthwise), ConvTranspose, Gemm (either weight layout) and MatMul
-(± bias Add, 2-D or per position) layers; random per-channel gains (including
+grouped, depthwise; with a residual Add or a Concat), ConvTranspose, Gemm
+(either weight layout) and MatMul (± bias Add, 2-D or per position) layers,
+with one or two graph outputs; random per-channel gains (including
 negative and exactly zero) and biases at W8/W4, ort and trt targets.  The
 fused graph must have the plain QDQ graph's op histogram and match the
 unfused graph (explicit Mul/Add) in float simulation given the same
@@ -76,9 +77,9 @@ def test_fold_matches_unfused(tmp_path_factory, model, target, wbits, kinds, see
 def test_fold_matches_unfused_on_random_graphs(tmp_path_factory, chain, target, wbits, kinds, seed):
     """Random layer chains: every Conv / ConvTranspose / Gemm / MatMul is quantized and compensated with random
     gains, folded with the plain graph's op histogram, and the fused graph computes what the unfused one does."""
-    channels, convs, denses, tokens = chain
+    channels, convs, denses, tokens, features = chain
     tmp = tmp_path_factory.mktemp("fold_random")
-    model = random_linear_net(convs, denses, channels, tokens=tokens, seed=seed)
+    model = random_linear_net(convs, denses, channels, tokens=tokens, seed=seed, features=features)
     onnx.save(model, tmp / "m.onnx")
     rng = np.random.default_rng(seed)
     calib = [{"x": rng.normal(size=(1, channels, 6, 6)).astype(np.float32)} for _ in range(8)]

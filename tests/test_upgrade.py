@@ -163,9 +163,10 @@ def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_f
     included) folded through --cwac-params.  Every channel is folded or left alone and counted, never wrapped:
     fused and unfused agree given the same codes, every op the fold added is reported, and onnxruntime's
     activation quantizers stay as they were."""
-    channels, convs, denses, tokens = chain
+    channels, convs, denses, tokens, features = chain
     tmp = tmp_path_factory.mktemp("upgrade_random")
-    onnx.save(random_linear_net(convs, denses, channels, tokens=tokens, seed=seed), tmp / "f.onnx")
+    onnx.save(random_linear_net(convs, denses, channels, tokens=tokens, seed=seed, features=features),
+              tmp / "f.onnx")
     rng = np.random.default_rng(seed)
     calib = [{"x": rng.normal(size=(1, channels, 6, 6)).astype(np.float32)} for _ in range(12)]
     quantize_static(str(tmp / "f.onnx"), str(tmp / "ort.onnx"), _Reader(calib), quant_format=QuantFormat.QDQ,

@@ -145,16 +145,18 @@ def masked_token_net(seed: int = 0, tokens: int = 6) -> onnx.ModelProto:
 
 
 def random_linear_net(convs, denses, channels: int = 3, hw: int = 6, tokens: bool = False,
-                      seed: int = 0) -> onnx.ModelProto:
+                      seed: int = 0, features: bool = False) -> onnx.ModelProto:
     """A chain of quantizable layers drawn by a property test::
 
         x[N,channels,hw,hw] ─► convs ─┬─► GlobalAveragePool ─► Flatten ─► denses ─► y[N,·]     (tokens=False)
                                       └─► Reshape[N,C,HW] ─► Transpose[N,HW,C] ─► denses ─► y[N,HW,·]
 
-    ``convs``: ``(op, out_channels, kernel, group, bias, relu)`` with op ``Conv`` or ``ConvTranspose``
-    (kernel 2, stride 2); ``group`` must divide both channel counts.  ``denses``: ``(op, out, bias, relu)``
-    with op ``Gemm`` (``transB`` 1 when ``out`` is odd; 2-D only, so never with ``tokens``) or ``MatMul``
-    (its bias, if any, in a following ``Add``)."""
+    ``convs``: ``(op, out_channels, kernel, group, bias, relu, skip)`` with op ``Conv`` or ``ConvTranspose``
+    (kernel 2, stride 2); ``group`` must divide both channel counts; ``skip`` (Conv only) ``"add"`` (a
+    residual: ``out_channels`` equal to the input's) or ``"concat"`` (the layer's input and output joined
+    on channels), else ``None``.  ``denses``: ``(op, out, bias, relu)`` with op ``Gemm`` (``transB`` 1 when
+    ``out`` is odd; 2-D only, so never with ``tokens``) or ``MatMul`` (its bias, if any, in a following
+    ``Add``).  ``features``: the conv stack's output is a second graph output."""
     rng = np.random.default_rng(seed)
     nodes, inits, x, c = [], [], "x", channels
 
@@ -171,7 +173,7 @@ def random_linear_net(convs, denses, channels: int = 3, hw: int = 6, tokens: boo
         inits.append(_f32(name, rng.normal(size=shape) * scale))
         return name
 
-    for op, out, k, group, bias, relu in convs:
+    for op, out, k, group, bias, relu, skip in convs:
         if op == "Conv":
             ins = [x, weight((out, c // group, k, k), (c // group * k * k) ** -0.5)]
             attrs = {"pads": [k // 2] * 4, "group": group}
@@ -180,7 +182,14 @@ def random_linear_net(convs, denses, channels: int = 3, hw: int = 6, tokens: boo
             attrs = {"strides": [2, 2], "group": group}
         if bias:
             ins.append(weight((out,), 0.5))
-        x, c = add(op, ins, attrs, relu), out
+        y = add(op, ins, attrs, relu)
+        if skip == "add":
+            assert op == "Conv" and out == c, (op, out, c)
+            y = add("Add", [x, y])
+        elif skip == "concat":
+            y, out = add("Concat", [x, y], {"axis": 1}), c + out
+        x, c = y, out
+    feature_map, feature_channels = x, c
     if tokens:
         inits.append(numpy_helper.from_array(np.array([0, c, -1], np.int64), "to_tokens"))
         x = add("Transpose", [add("Reshape", [x, "to_tokens"])], {"perm": [0, 2, 1]})
@@ -197,10 +206,12 @@ def random_linear_net(convs, denses, channels: int = 3, hw: int = 6, tokens: boo
                 x = add("Add", [x, weight((out,), 0.5)], relu=relu)
         c = out
     nodes[-1].output[0] = "y"
-    shape = ["N", "T", c] if tokens else ["N", c]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", c] if tokens else ["N", c])]
+    if features and convs:
+        outputs.append(helper.make_tensor_value_info(feature_map, TensorProto.FLOAT, ["N", feature_channels, "H", "W"]))
     g = helper.make_graph(nodes, "random_linear_net",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, hw, hw])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+                          outputs, inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
@@ -209,9 +220,11 @@ def random_linear_net(convs, denses, channels: int = 3, hw: int = 6, tokens: boo
 
 @st.composite
 def linear_chains(draw):
-    """Hypothesis strategy: (input channels, convs, denses, tokens) for :func:`random_linear_net`.  0–3 Conv /
-    depthwise / grouped Conv / ConvTranspose layers, then 1–2 Gemm (either weight layout) / MatMul (± bias Add)
-    layers, with or without biases and Relus; the dense part runs per image or per position (3-D MatMul)."""
+    """Hypothesis strategy: (input channels, convs, denses, tokens, features) for :func:`random_linear_net`.
+    0–3 Conv / depthwise / grouped Conv / ConvTranspose layers, a Conv with or without a residual Add or a
+    Concat of its input and output, then 1–2 Gemm (either weight layout) / MatMul (± bias Add) layers, with
+    or without biases and Relus; the dense part runs per image or per position (3-D MatMul); the conv stack's
+    output is a second graph output or not."""
     c = c0 = draw(st.sampled_from([2, 3, 4]))
     convs, upsampled = [], False
     for _ in range(draw(st.integers(0, 3))):
@@ -222,9 +235,11 @@ def linear_chains(draw):
         group = {"depthwise": c, "grouped": 2 if c % 2 == 0 and out % 2 == 0 else 1}.get(kind, 1)
         op = "ConvTranspose" if kind == "transpose" else "Conv"
         upsampled |= op == "ConvTranspose"
-        convs.append((op, out, draw(st.sampled_from([1, 3])), group, draw(st.booleans()), draw(st.booleans())))
-        c = out
+        skips = [None] + (["concat"] if op == "Conv" else []) + (["add"] if op == "Conv" and out == c else [])
+        skip = draw(st.sampled_from(skips))
+        convs.append((op, out, draw(st.sampled_from([1, 3])), group, draw(st.booleans()), draw(st.booleans()), skip))
+        c = c + out if skip == "concat" else out
     tokens = draw(st.booleans())
     denses = [(draw(st.sampled_from(["MatMul"] if tokens else ["Gemm", "MatMul"])), draw(st.integers(2, 5)),
                draw(st.booleans()), draw(st.booleans())) for _ in range(draw(st.integers(1, 2)))]
-    return c0, convs, denses, tokens
+    return c0, convs, denses, tokens, draw(st.booleans())
