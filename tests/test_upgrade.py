@@ -154,12 +154,14 @@ def test_cwac_params_with_unknown_names_or_wrong_sizes(tmp_path):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chain=linear_chains(), weight_type=st.sampled_from([QuantType.QInt8, QuantType.QInt4]),
        per_channel=st.booleans(), symmetric=st.booleans(), reduce_range=st.booleans(),
-       kinds=st.sets(st.sampled_from(["neg", "zero"])), seed=st.integers(0, 2**16))
+       activations=st.sampled_from(["u8", "s8", "s8 symmetric"]), kinds=st.sets(st.sampled_from(["neg", "zero"])),
+       seed=st.integers(0, 2**16))
 def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_factory, chain, weight_type,
-                                                                      per_channel, symmetric, reduce_range, kinds,
-                                                                      seed):
+                                                                      per_channel, symmetric, reduce_range,
+                                                                      activations, kinds, seed):
     """Random layer chains quantized by onnxruntime with per-tensor or per-channel, symmetric (full range: rows
-    holding -128 / -8) or asymmetric (nonzero zero points) weights, int8 or int4; random gains (negative and zero
+    holding -128 / -8) or asymmetric (nonzero zero points) weights, int8 or int4, uint8 or int8 (symmetric or
+    not) activations; random gains (negative and zero
     included) folded through --cwac-params.  Every channel is folded or left alone and counted, never wrapped:
     fused and unfused agree given the same codes, every op the fold added is reported, and onnxruntime's
     activation quantizers stay as they were."""
@@ -171,7 +173,8 @@ def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_f
     calib = [{"x": rng.normal(size=(1, channels, 6, 6)).astype(np.float32)} for _ in range(12)]
     quantize_static(str(tmp / "f.onnx"), str(tmp / "ort.onnx"), _Reader(calib), quant_format=QuantFormat.QDQ,
                     per_channel=per_channel, weight_type=weight_type, reduce_range=reduce_range,
-                    extra_options={"WeightSymmetric": symmetric})
+                    activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
+                    extra_options={"WeightSymmetric": symmetric, "ActivationSymmetric": activations == "s8 symmetric"})
     before = (tmp / "ort.onnx").read_bytes()
     probe = upgrade_model(tmp / "ort.onnx", tmp / "f.onnx", calib, tmp / "probe.onnx",
                           CompileConfig(cwac=CwacConfig(enabled=False), holdout_samples=0), measure=False)
