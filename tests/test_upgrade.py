@@ -164,7 +164,7 @@ def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_f
     not) activations; random gains (negative and zero
     included) folded through --cwac-params.  Every channel is folded or left alone and counted, never wrapped:
     fused and unfused agree given the same codes, every op the fold added is reported, and onnxruntime's
-    activation quantizers stay as they were."""
+    activation quantizers stay as they were.  The fit on the same model is never worse on the held-out part."""
     channels, convs, denses, tokens, features = chain
     tmp = tmp_path_factory.mktemp("upgrade_random")
     onnx.save(random_linear_net(convs, denses, channels, tokens=tokens, seed=seed, features=features),
@@ -202,3 +202,9 @@ def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_f
         if node.op_type == "QuantizeLinear" and node.input[0] not in a:  # an activation quantizer
             for name in node.input[1:]:
                 np.testing.assert_array_equal(a[name], b[name])
+    # and the fit itself on the same model: never worse on the held-out part, folded exactly
+    fit = upgrade_model(tmp / "ort.onnx", tmp / "f.onnx", calib, tmp / "fit.onnx", CompileConfig(holdout_samples=4),
+                        measure=False)
+    assert fit.cwac.output_error[fit.cwac.target] <= fit.cwac.output_error["none"]
+    check = fit.stages["fold"]["check"]
+    assert max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()], default=0) <= 1e-5
