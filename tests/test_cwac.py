@@ -15,7 +15,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import conv_net, linear_chains, masked_token_net, random_linear_net, sigmoid_head_net
+from tiny_models import conv_net, linear_chains, masked_token_net, saved_random_chain, sigmoid_head_net
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.calib_data import CalibrationSet, InputSpec
@@ -163,14 +163,10 @@ def test_segment_cached_fit_equals_whole_prefix_reruns_with_a_score_head(tmp_pat
 @given(chain=linear_chains(), seed=st.integers(0, 2**16))
 def test_segment_cached_fit_equals_whole_prefix_reruns_on_random_graphs(tmp_path_factory, chain, seed):
     """Random layer chains (grouped / depthwise Conv, ConvTranspose, Gemm in either layout, 2-D and per-position
-    MatMul, residual Adds, Concats, a second graph output): the fast staged fit is bit-identical to the slow definition, and the compile folds what it fitted
-    with the plain graph's op histogram."""
-    channels, convs, denses, tokens, features = chain
+    MatMul, residual Adds, Concats, a second graph output): the fast staged fit is bit-identical to the slow
+    definition, and the compile folds what it fitted with the plain graph's op histogram."""
     tmp = tmp_path_factory.mktemp("fit_random")
-    onnx.save(random_linear_net(convs, denses, channels, tokens=tokens, seed=seed, features=features),
-              tmp / "m.onnx")
-    rng = np.random.default_rng(seed)
-    calib = [{"x": rng.normal(size=(1, channels, 6, 6)).astype(np.float32)} for _ in range(16)]
+    calib, _, _ = saved_random_chain(chain, seed, tmp / "m.onnx", 16)
     res = compile_model(tmp / "m.onnx", calib, tmp / "q.onnx", CompileConfig(quant=QuantConfig(wbits=4),
                         cwac=CwacConfig(enabled=False), holdout_samples=0), measure=False)
     cfg = CwacConfig(target="global")  # the slow definition's target

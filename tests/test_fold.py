@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import conv_net, linear_chains, matmul_add, mlp_with_constants, random_linear_net
+from tiny_models import conv_net, linear_chains, matmul_add, mlp_with_constants, saved_random_chain
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.cwac import Compensation, build_graphs
@@ -77,12 +77,8 @@ def test_fold_matches_unfused(tmp_path_factory, model, target, wbits, kinds, see
 def test_fold_matches_unfused_on_random_graphs(tmp_path_factory, chain, target, wbits, kinds, seed):
     """Random layer chains: every Conv / ConvTranspose / Gemm / MatMul is quantized and compensated with random
     gains, folded with the plain graph's op histogram, and the fused graph computes what the unfused one does."""
-    channels, convs, denses, tokens, features = chain
     tmp = tmp_path_factory.mktemp("fold_random")
-    model = random_linear_net(convs, denses, channels, tokens=tokens, seed=seed, features=features)
-    onnx.save(model, tmp / "m.onnx")
-    rng = np.random.default_rng(seed)
-    calib = [{"x": rng.normal(size=(1, channels, 6, 6)).astype(np.float32)} for _ in range(8)]
+    calib, rng, channels = saved_random_chain(chain, seed, tmp / "m.onnx", 8)
     res = compile_model(tmp / "m.onnx", calib, tmp / "q.onnx",
                         CompileConfig(quant=QuantConfig(target=target, wbits=wbits)), measure=False)
     assert res.plan.layers and not res.plan.skipped, res.plan.skipped  # (simplification may merge MatMul + Add)

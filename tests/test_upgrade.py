@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from tiny_models import conv_net, linear_chains, random_linear_net
+from tiny_models import conv_net, linear_chains, saved_random_chain
 
 from qwt2_onnx import CompileConfig, QwtError, compile_model
 from qwt2_onnx.cli import main
@@ -161,20 +161,17 @@ def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_f
                                                                       activations, kinds, seed):
     """Random layer chains quantized by onnxruntime with per-tensor or per-channel, symmetric (full range: rows
     holding -128 / -8) or asymmetric (nonzero zero points) weights, int8 or int4, uint8 or int8 (symmetric or
-    not) activations; random gains (negative and zero
-    included) folded through --cwac-params.  Every channel is folded or left alone and counted, never wrapped:
-    fused and unfused agree given the same codes, every op the fold added is reported, and onnxruntime's
-    activation quantizers stay as they were.  The fit on the same model is never worse on the held-out part."""
-    channels, convs, denses, tokens, features = chain
+    not) activations; random gains (negative and zero included) folded through --cwac-params.  Every channel
+    is folded or left alone and counted, never wrapped: fused and unfused agree given the same codes, every op
+    the fold added is reported, and onnxruntime's activation quantizers stay as they were.  The fit on the
+    same model is never worse on the held-out part."""
     tmp = tmp_path_factory.mktemp("upgrade_random")
-    onnx.save(random_linear_net(convs, denses, channels, tokens=tokens, seed=seed, features=features),
-              tmp / "f.onnx")
-    rng = np.random.default_rng(seed)
-    calib = [{"x": rng.normal(size=(1, channels, 6, 6)).astype(np.float32)} for _ in range(12)]
+    calib, rng, _ = saved_random_chain(chain, seed, tmp / "f.onnx", 12)
     quantize_static(str(tmp / "f.onnx"), str(tmp / "ort.onnx"), _Reader(calib), quant_format=QuantFormat.QDQ,
                     per_channel=per_channel, weight_type=weight_type, reduce_range=reduce_range,
                     activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
-                    extra_options={"WeightSymmetric": symmetric, "ActivationSymmetric": activations == "s8 symmetric"})
+                    extra_options={"WeightSymmetric": symmetric,
+                                   "ActivationSymmetric": activations == "s8 symmetric"})
     before = (tmp / "ort.onnx").read_bytes()
     probe = upgrade_model(tmp / "ort.onnx", tmp / "f.onnx", calib, tmp / "probe.onnx",
                           CompileConfig(cwac=CwacConfig(enabled=False), holdout_samples=0), measure=False)

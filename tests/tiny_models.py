@@ -243,3 +243,14 @@ def linear_chains(draw):
     denses = [(draw(st.sampled_from(["MatMul"] if tokens else ["Gemm", "MatMul"])), draw(st.integers(2, 5)),
                draw(st.booleans()), draw(st.booleans())) for _ in range(draw(st.integers(1, 2)))]
     return c0, convs, denses, tokens, draw(st.booleans())
+
+
+def saved_random_chain(chain, seed: int, path, n_calib: int):
+    """Build :func:`random_linear_net` for a :func:`linear_chains` draw, save it at ``path`` and return
+    (calibration samples, the generator that drew them, input channels): what every random-chain test starts
+    with."""
+    channels, convs, denses, tokens, features = chain
+    onnx.save(random_linear_net(convs, denses, channels, tokens=tokens, seed=seed, features=features), path)
+    rng = np.random.default_rng(seed)
+    calib = [{"x": rng.normal(size=(1, channels, 6, 6)).astype(np.float32)} for _ in range(n_calib)]
+    return calib, rng, channels
