@@ -173,11 +173,15 @@ def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_f
                     extra_options={"WeightSymmetric": symmetric,
                                    "ActivationSymmetric": activations == "s8 symmetric"})
     before = (tmp / "ort.onnx").read_bytes()
-    probe = upgrade_model(tmp / "ort.onnx", tmp / "f.onnx", calib, tmp / "probe.onnx",
-                          CompileConfig(cwac=CwacConfig(enabled=False), holdout_samples=0), measure=False)
-    inits = {t.name: t for t in probe.float_model.graph.initializer}
+    # the fit itself first: never worse on the held-out part, folded exactly; its plan names the layers
+    fit = upgrade_model(tmp / "ort.onnx", tmp / "f.onnx", calib, tmp / "fit.onnx", CompileConfig(holdout_samples=4),
+                        measure=False)
+    assert fit.cwac.output_error[fit.cwac.target] <= fit.cwac.output_error["none"]
+    check = fit.stages["fold"]["check"]
+    assert max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()], default=0) <= 1e-5
+    inits = {t.name: t for t in fit.float_model.graph.initializer}
     params = {}
-    for lp in probe.plan.layers:
+    for lp in fit.plan.layers:
         c = inits[lp.weight].dims[lp.axis]
         g = rng.uniform(0.5, 1.5, c) * (rng.choice([1, -1], c) if "neg" in kinds else 1)
         if "zero" in kinds:
@@ -188,7 +192,7 @@ def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_f
                         CompileConfig(cwac=CwacConfig(params=str(tmp / "p.npz")), holdout_samples=4), measure=False)
     assert (tmp / "ort.onnx").read_bytes() == before
     fold = res.stages["fold"]
-    assert set(res.cwac.compensations) == {lp.node for lp in probe.plan.layers}
+    assert set(res.cwac.compensations) == {lp.node for lp in fit.plan.layers}
     assert max([*fold["check"]["forced_max_rel"].values(), *fold["check"]["forced_layer_max_rel"].values()]) <= 1e-5
     original = onnx.load(tmp / "ort.onnx")
     by_name = {n.name: n.op_type for n in res.model.graph.node}
@@ -199,9 +203,3 @@ def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_f
         if node.op_type == "QuantizeLinear" and node.input[0] not in a:  # an activation quantizer
             for name in node.input[1:]:
                 np.testing.assert_array_equal(a[name], b[name])
-    # and the fit itself on the same model: never worse on the held-out part, folded exactly
-    fit = upgrade_model(tmp / "ort.onnx", tmp / "f.onnx", calib, tmp / "fit.onnx", CompileConfig(holdout_samples=4),
-                        measure=False)
-    assert fit.cwac.output_error[fit.cwac.target] <= fit.cwac.output_error["none"]
-    check = fit.stages["fold"]["check"]
-    assert max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()], default=0) <= 1e-5

@@ -113,9 +113,11 @@ def cwac_table(results: dict) -> list[str]:
              "*gap recovered* = (CWAC − plain) / (float − plain), where plain < float.  *held-out output error*: "
              "Σ over outputs of MSE / mean(float²) on the held-out calibration part, the quantity the gate "
              "judges by (none → chosen); *samples worse*: held-out samples whose share of that error the chosen "
-             "target raised, and what the rises add up to as a fraction of the error without CWAC.  *fold check*: max relative difference fused vs unfused given the same "
+             "target raised, and what the rises add up to as a fraction of the error without CWAC.  *fold check*: "
+             "max relative difference fused vs unfused given the same "
              "activation codes (outputs and every quantizer input), from each compile's own check (on 16 of its "
-             "calibration samples; docs/CWAC.md has 16 unseen samples per model, tools/fold_check_zoo.py); *ops*: fused op histogram == plain.  The default "
+             "calibration samples; docs/CWAC.md has 16 unseen samples per model, tools/fold_check_zoo.py); *ops*: "
+             "fused op histogram == plain.  The default "
              "evaluation sets are small (20 det images, 60 YOLOv8n images, 2000 cls lines): where variants are a "
              "sample or two apart, read the larger sets below.", "",
              "| model | bits/target | float | plain | CWAC | gap recovered | SQNR plain → CWAC (dB) | "

@@ -27,12 +27,12 @@ whose bias lives in the following Add gets β folded into that Add's constant.
 A Conv / ConvTranspose / Gemm without one gets a bias input: an int32 bias DQ
 for the ort target (reported as an inserted op: onnxruntime folds it into its
 integer kernel), or a float constant -- for the trt target, and for a layer
-onnxruntime runs in float anyway (``float_bias``: another tool's model, where
-an int32 bias DQ would be one more op in the written graph with no integer
-kernel to absorb it; the constant holds the int32 grid's values, so the layer
-computes exactly what the DQ would have given it.  onnxruntime's optimizer may
-still re-quantize it to int32 + DQ at load time, on the same grid).  With no bias slot at all an ``Add`` is inserted and
-*reported* in the stats.
+onnxruntime runs in float anyway (``float_bias``, another tool's model: there
+no integer kernel would absorb the DQ).  That constant holds the int32 grid's
+values, so the layer computes exactly what the DQ would have given it
+(onnxruntime's optimizer may re-quantize it to int32 + DQ at load time, on the
+same grid).  With no bias slot at all an ``Add`` is inserted and *reported* in
+the stats.
 
 Exactness: the int32 bias is rounded to its grid, so the caller snaps β to
 that grid first (:func:`snap_bias`): the unfused graph then computes exactly
