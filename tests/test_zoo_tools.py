@@ -71,6 +71,9 @@ def test_calib_feeds_deterministic_and_shaped(name, zoo_path):
     assert x.shape == (n,) + tuple(task.input_shape[1:])
     assert np.isfinite(x).all() and x.std() > 0
     np.testing.assert_array_equal(x, b[task.input_name(path)])
+    # draw 0 is the zoo's calibration set; another draw is another set (tools/zoo_large_eval.py --calib-draws)
+    np.testing.assert_array_equal(x, task.calib_feeds(path, n, draw=0)[task.input_name(path)])
+    assert not np.array_equal(x, task.calib_feeds(path, n, draw=1)[task.input_name(path)])
 
 
 @pytest.mark.zoo
@@ -107,6 +110,25 @@ def test_mcnemar_counts_discordant_samples_and_gives_the_exact_p_value():
     assert m["p_value"] == 0.0923  # 2 * (1 + 13 + 78 + 286) / 2**13: a 10-3 split of 13 happens 9 % of the time
     assert mcnemar(a, a)["p_value"] == 1.0
     assert mcnemar(np.ones(10, bool), np.zeros(10, bool))["p_value"] == round(2 / 1024, 4)
+
+
+def test_summarize_draws_counts_signs_per_pair_and_metric():
+    from zoo_large_eval import PAIRS, summarize_draws
+
+    def row(acc, agree):
+        return {"acc": acc, "agree_float": agree}
+
+    (a, b), (c, d) = PAIRS
+    draws = [{"rows": {a: row(0.90, 0.95), b: row(0.92, 0.95), c: row(0.9, 0.9), d: row(0.9, 0.9)}},
+             {"rows": {a: row(0.90, 0.95), b: row(0.89, 0.97), c: row(0.9, 0.9), d: row(0.9, 0.9)}},
+             {"rows": {a: row(0.90, 0.95), b: row(0.93, 0.96), c: row(0.9, 0.9), d: row(0.9, 0.9)}}]
+    s = summarize_draws(draws)
+    acc = s[f"{a} -> {b}: acc"]
+    assert (acc["second_higher"], acc["equal"], acc["second_lower"]) == (2, 0, 1)
+    assert acc["mean_diff"] == pytest.approx(0.013333, abs=1e-6) and acc["median_diff"] == pytest.approx(0.02)
+    agree = s[f"{a} -> {b}: agree_float"]
+    assert (agree["second_higher"], agree["equal"], agree["second_lower"]) == (2, 1, 0)
+    assert s[f"{c} -> {d}: acc"]["equal"] == 3
 
 
 def test_fold_check_control_moves_every_weight_scale_by_one_ulp(tmp_path):

@@ -580,9 +580,12 @@ class Task:
     def _calib_inputs(self, n: int, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
 
-    def calib_feeds(self, model_path, n: int) -> dict[str, np.ndarray]:
-        """{input_name: float32 [n, *input_shape[1:]]} calibration inputs."""
-        rng = np.random.default_rng([CALIB_SEED, sum(map(ord, self.name))])
+    def calib_feeds(self, model_path, n: int, draw: int = 0) -> dict[str, np.ndarray]:
+        """{input_name: float32 [n, *input_shape[1:]]} calibration inputs.  ``draw`` 0 is the zoo's
+        calibration set; 1, 2, ... are other sets from the same generator (tools/zoo_large_eval.py
+        --calib-draws), none of them overlapping the evaluation set's seed."""
+        seed = [CALIB_SEED, sum(map(ord, self.name))] + ([draw] if draw else [])
+        rng = np.random.default_rng(seed)
         x = self._calib_inputs(n, rng).astype(np.float32)
         assert x.shape == (n,) + tuple(self.input_shape[1:]), x.shape
         return {self.input_name(model_path): x}
@@ -664,16 +667,18 @@ class _ClassifierTask(Task):
     eval_set: tuple[np.ndarray, np.ndarray]
 
     def evaluate(self, session, float_session=None):
-        x, y = self.eval_set
-        pred = _run(session, x).argmax(-1)
-        res = {"acc": float(np.mean(pred == y))}
+        pred = self.predict(session)
+        res = {"acc": float(np.mean(pred == self.eval_set[1]))}
         if float_session is not None:
-            res["agree_float"] = float(np.mean(pred == _run(float_session, x).argmax(-1)))
+            res["agree_float"] = float(np.mean(pred == self.predict(float_session)))
         return res
 
+    def predict(self, session) -> np.ndarray:
+        """The class each evaluation sample is given."""
+        return _run(session, self.eval_set[0]).argmax(-1)
+
     def correct(self, session):
-        x, y = self.eval_set
-        return _run(session, x).argmax(-1) == y
+        return self.predict(session) == self.eval_set[1]
 
 
 class ClsTask(_ClassifierTask):
