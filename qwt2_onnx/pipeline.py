@@ -44,7 +44,7 @@ from .passes.insert_qdq import InsertQDQPass
 from .passes.normalize import NormalizePass
 from .passes.simplify import SimplifyPass
 from .passes.trt_lint import TrtLintPass
-from .policy import QuantPlan, plan_from_qdq, plan_quantization, quantized_op_types
+from .policy import QuantPlan, coarse_weight_grids, plan_from_qdq, plan_quantization, quantized_op_types
 from .report import dumps, render_html
 
 logger = logging.getLogger(__name__)
@@ -188,8 +188,10 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
         qgraph = gs.import_onnx(result.graph)
         plain = export_model(qgraph.toposort())
     with _stage("plan", seconds):
-        plan = plan_from_qdq(gs.import_onnx(plain), gs.import_onnx(float_model))
-        stages["plan"] = {"layers": len(plan.layers), "skipped": dict(plan.skipped), "unmatched_patterns": []}
+        qgraph = gs.import_onnx(plain)
+        plan = plan_from_qdq(qgraph, gs.import_onnx(float_model))
+        stages["plan"] = {"layers": len(plan.layers), "skipped": dict(plan.skipped), "unmatched_patterns": [],
+                          "coarse_weight_grids": coarse_weight_grids(qgraph, plan)}
         if not plan.layers:
             raise QwtError("no quantized layer of the QDQ model has a float counterpart to fit against",
                            notes=[f"{name}: {why}" for name, why in list(plan.skipped.items())[:10]],

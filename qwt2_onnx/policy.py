@@ -26,6 +26,7 @@ import fnmatch
 import logging
 import re
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from .config import QuantConfig
@@ -264,6 +265,37 @@ def plan_from_qdq(qgraph: gs.Graph, fgraph: gs.Graph) -> QuantPlan:
                                 weight=fnode.inputs[1].name, axis=output_axis(node), bias=bias, output=None,
                                 bias_node=bias_node, bias_input=bias_input))
     return QuantPlan(layers, skipped, [])
+
+
+_INT4_RANGES = {"int4": (-8, 7), "uint4": (0, 15)}
+COARSE_GRID_FRACTION = 1 / 8  # a median channel below 1/8 of the grid's steps has lost 3 bits or more
+
+
+def coarse_weight_grids(qgraph: gs.Graph, plan: QuantPlan) -> dict[str, dict]:
+    """Upgrade mode's account of the input model's weight grids: the layers whose weight is quantized per
+    tensor with a scale so wide that their median output channel spans under ``COARSE_GRID_FRACTION`` of
+    the grid's steps (a few outlier channels set the scale; the others keep a handful of levels).  CWAC
+    keeps the input's grid and cannot give those channels their bits back; per-channel weights can.
+    {layer: {median_channel_steps, widest_channel_steps, grid_steps, channels, channels_below}}."""
+    nodes = {n.name: n for n in qgraph.nodes}
+    found = {}
+    for layer in plan.layers:
+        dq = _dq_of_constant(nodes[layer.node].inputs[1])
+        if dq is None or np.asarray(dq.inputs[1].values).size != 1:
+            continue  # per-channel scales fit each channel
+        codes = np.asarray(dq.inputs[0].values)
+        zp = int(np.asarray(dq.inputs[2].values).astype(np.int64).ravel()[0]) \
+            if len(dq.inputs) > 2 and isinstance(dq.inputs[2], gs.Constant) else 0
+        lo, hi = _INT4_RANGES.get(codes.dtype.name) or (np.iinfo(codes.dtype).min, np.iinfo(codes.dtype).max)
+        grid = max(hi - zp, zp - lo)
+        rows = np.moveaxis(np.abs(codes.astype(np.int64) - zp), layer.axis, 0).reshape(codes.shape[layer.axis], -1)
+        span = rows.max(axis=1)
+        median = float(np.median(span))
+        if median < grid * COARSE_GRID_FRACTION:
+            found[layer.node] = {"median_channel_steps": median, "widest_channel_steps": int(span.max()),
+                                 "grid_steps": int(grid), "channels": int(span.size),
+                                 "channels_below": int(np.sum(span < grid * COARSE_GRID_FRACTION))}
+    return found
 
 
 def quantized_op_types(model_ops: set[str]) -> set[str]:

@@ -16,6 +16,7 @@ def render_summary(result) -> str:
         lines.append(f"  left in float (quantized around): {named}{more}")
     if plan.unmatched_patterns:
         lines.append(f"  exclusion patterns that matched nothing: {', '.join(plan.unmatched_patterns)}")
+    lines += _coarse_grid_lines(result.stages.get("plan", {}).get("coarse_weight_grids"))
     if result.stages.get("simplify", {}).get("onnxsim", "").startswith("skipped"):
         lines.append(f"  note: onnxsim {result.stages['simplify']['onnxsim']}")
     if result.fusion:
@@ -44,6 +45,20 @@ def render_summary(result) -> str:
     times = " ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     lines.append(f"time: {times}")
     return "\n".join(lines)
+
+
+def _coarse_grid_lines(coarse: dict | None) -> list[str]:
+    """Upgrade mode: the input's per-tensor weight grids that leave most channels a handful of levels."""
+    if not coarse:
+        return []
+    worst = sorted(coarse.items(), key=lambda kv: kv[1]["median_channel_steps"] / kv[1]["grid_steps"])
+    named = ", ".join(f"'{name}' {r['median_channel_steps']:g} of {r['grid_steps']}" for name, r in worst[:3])
+    more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
+    return [f"  warning: per-tensor weight scales set by a few wide channels in {len(coarse)} layer(s) of the input: "
+            f"the median channel spans only a few steps of the grid ({named}{more}).  CWAC keeps the input's grid and cannot give those channels their bits back: "
+            f"quantize these weights per channel where the model is quantized (onnxruntime: per_channel=True, "
+            f"with the weights stored as initializers; a weight held by a Constant node is quantized like an "
+            f"activation, per tensor)"]
 
 
 def _cwac_lines(result) -> list[str]:

@@ -90,6 +90,40 @@ def test_upgrade_ort_default_per_tensor_model(tmp_path):
     assert dq[conv1.input[2]].attribute[0].name == "axis" and dq[conv1.input[2]].attribute[0].i == 0
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_upgrade_warns_of_per_tensor_weight_grids_set_by_outlier_channels(tmp_path, per_channel):
+    """conv2's weight gets one output channel 40x wider than the rest: quantized per tensor, its other
+    channels keep a few of the 128 steps, which no CWAC on that grid can undo; the upgrade says so, names
+    the layer and the fix, and flags nothing when onnxruntime quantized the weights per channel."""
+    model = conv_net(seed=3)
+    w2 = next(t for t in model.graph.initializer if t.name == "w2")
+    wide = onnx.numpy_helper.to_array(w2).copy()
+    wide[0] *= 40
+    w2.CopyFrom(onnx.numpy_helper.from_array(wide, "w2"))
+    float_path = tmp_path / "f.onnx"
+    onnx.save(model, float_path)
+    rng = np.random.default_rng(3)
+    calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(24)]
+    quantize_static(str(float_path), str(tmp_path / "ort.onnx"), _Reader(calib), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel)
+    np.savez(tmp_path / "c.npz", x=np.concatenate([c["x"] for c in calib]))
+    res = CliRunner().invoke(main, ["compile", str(tmp_path / "ort.onnx"), "--float-model", str(float_path),
+                                    "--calib", str(tmp_path / "c.npz"), "-o", str(tmp_path / "up.onnx")])
+    assert res.exit_code == 0, res.output
+    res_api = upgrade_model(tmp_path / "ort.onnx", float_path, calib, tmp_path / "up2.onnx",
+                            CompileConfig(holdout_samples=8), measure=False)
+    coarse = res_api.stages["plan"]["coarse_weight_grids"]
+    if per_channel:
+        assert coarse == {} and "per-tensor weight scales" not in res.output
+        return
+    assert set(coarse) == {"conv2"}, coarse
+    c = coarse["conv2"]
+    assert c["channels"] == 8 and c["grid_steps"] in (127, 128) and c["widest_channel_steps"] >= 126
+    assert c["median_channel_steps"] < c["grid_steps"] / 8 and c["channels_below"] == 7
+    assert "per-tensor weight scales set by a few wide channels in 1 layer(s)" in res.output
+    assert "'conv2'" in res.output and "per_channel=True" in res.output
+
+
 def test_float_bias_computes_what_the_int32_bias_dq_computes(tmp_path):
     """A bias-free layer onnxruntime runs in float gets its new bias as a float constant holding the values
     the int32 bias DQ would have produced: the fused graph computes bit for bit the same, with one op fewer."""

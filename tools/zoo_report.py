@@ -186,6 +186,8 @@ def large_eval_table(large: dict) -> list[str]:
              "`python tools/zoo_large_eval.py MODEL --size n_eval=N [--wbits 4]` re-runs them on a larger set from "
              "the same generator, same 64 calibration samples: W8A8, or W4A8 where the title says so.", ""]
     for model, entry in large.items():
+        if "draws" in entry:
+            continue  # calib_draws_table
         rows = entry["rows"]
         keys = [k for k in rows["float"] if k != "float_n_dets"]
         sizes = ", ".join(f"{k}={v}" for k, v in entry["sizes"].items())
@@ -199,6 +201,35 @@ def large_eval_table(large: dict) -> list[str]:
                          f"{m['only_second_right']} only the second; exact McNemar p = {m['p_value']:.3g}")
         if entry.get("paired"):
             lines.append("")
+    return lines
+
+
+def calib_draws_table(large: dict) -> list[str]:
+    """tools/zoo_large_eval.py --calib-draws: the same comparison on several calibration sets."""
+    lines = []
+    for key, entry in large.items():
+        if "draws" not in entry:
+            continue
+        pairs = [p.split(" -> ") for p in entry["draws"][0]["paired_acc"]]
+        variants = [v for pair in pairs for v in pair]
+        sizes = ", ".join(f"{k}={v}" for k, v in entry["sizes"].items())
+        lines += [f"**{key}** ({sizes}, {entry['n_calib']} calibration samples per draw; float accuracy "
+                  f"{entry['float']['acc']:.4f}; draw 0 is the calibration set of every other table)", "",
+                  "| draw | " + " | ".join(f"{v}: acc / agree" for v in variants) + " |",
+                  "|---|" + "---|" * len(variants)]
+        for d in entry["draws"]:
+            lines.append(f"| {d['draw']} | " + " | ".join(
+                f"{d['rows'][v]['acc']:.4f} / {d['rows'][v]['agree_float']:.4f}" for v in variants) + " |")
+        lines.append("")
+        for name, m in entry["summary"].items():
+            lines.append(f"* {name.replace(' -> ', ' → ')}: higher in {m['second_higher']} draws, equal in {m['equal']}, lower in "
+                         f"{m['second_lower']}; mean difference {m['mean_diff']:+.5f}, median {m['median_diff']:+.5f}")
+        lines.append("")
+    if lines:
+        lines = ["## Calibration draws (deployed)", "",
+                 "Where two variants are a few samples apart, `python tools/zoo_large_eval.py MODEL --size "
+                 "n_eval=N --calib-draws K` repeats the comparison on K calibration sets from the same generator "
+                 "(same evaluation set): a difference that changes sign with the calibration data is noise.", ""] + lines
     return lines
 
 
@@ -224,6 +255,7 @@ def render(results: dict, ort: dict, large: dict | None = None) -> str:
     lines += cwac_table(results)
     lines += upgrade_table(results)
     lines += large_eval_table(large or {})
+    lines += calib_draws_table(large or {})
     for model, entry in results.items():
         lines += model_table(model, entry, ort)
     return "\n".join(lines)
