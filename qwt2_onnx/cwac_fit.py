@@ -81,6 +81,14 @@ class CwacFit:
     full_range_left_alone: int = 0  # channels left uncompensated: negative gain on an unflippable row
     per_sample: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # candidate -> each held-out
     # sample's share of its output error (absent where an output has no per-sample axis)
+    decisions: dict[str, float] = dataclasses.field(default_factory=dict)  # candidate -> share of held-out
+    # Softmax positions whose argmax is float's (absent without a Softmax output)
+
+    def decisions_lost(self) -> tuple[float, float] | None:
+        """(none's, the kept candidate's) held-out decision agreement with float where the kept candidate
+        agrees less often: its output error is lower, yet it changed decisions.  An account, not a veto."""
+        kept, base = self.decisions.get(self.target), self.decisions.get("none")
+        return (base, kept) if kept is not None and base is not None and kept < base else None
 
     def held_out_samples(self) -> dict | None:
         """How each candidate did sample by sample against no compensation: the held-out samples whose
@@ -108,7 +116,8 @@ class CwacFit:
         """The output gate's choice for the report: the target kept, each candidate's held-out output error
         and the per-sample account (:meth:`held_out_samples`)."""
         return {"target": self.target, "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
-                "held_out_samples": self.held_out_samples()}
+                "held_out_samples": self.held_out_samples(),
+                "decision_agreement": {k: round(v, 6) for k, v in self.decisions.items()} or None}
 
     def summary(self, n_layers: int) -> dict:
         return {**self.gate_record(), "compensated": len(self.compensations), "layers": n_layers,
@@ -430,8 +439,9 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     comps, fits = results[best]
     fits = fits or results[candidates[0]][1]
     per_sample = {t: e.per_sample for t, e in scored.items() if e.per_sample is not None}
+    decisions = {t: e.decisions for t, e in scored.items() if e.decisions is not None}
     return CwacFit(comps, best, fits, scores, max((f.stage for f in fits), default=0), time.perf_counter() - t0,
-                   per_sample=per_sample if len(per_sample) == len(scored) else {})
+                   per_sample=per_sample if len(per_sample) == len(scored) else {}, decisions=decisions)
 
 
 def check_position_mask(cfg: CwacConfig, specs: list[InputSpec], data: CalibrationSet) -> None:

@@ -27,17 +27,18 @@ def gate_tensors(model: onnx.ModelProto) -> list[str]:
     set the output error would rest on one or two samples; the logits carry all of them.  Each model is
     asked separately (another tool may have renamed the logits, e.g. to the output of a
     DequantizeLinear); the lists pair up by position (see :func:`output_error`)."""
-    return [name for name, _ in _output_parts(model)]
+    return [name for name, _, _ in _output_parts(model)]
 
 
 def sigmoid_logits(model: onnx.ModelProto) -> list[str]:
     """The gate tensors that are the input of a Sigmoid whose output is (part of) a graph output: the
     logits of scores read against a threshold (a detector's class scores, a probability map)."""
-    return [name for name, op in _output_parts(model) if op == "Sigmoid"]
+    return [name for name, op, _ in _output_parts(model) if op == "Sigmoid"]
 
 
-def _output_parts(model: onnx.ModelProto) -> list[tuple[str, str | None]]:
-    """(tensor, the Softmax / Sigmoid op it is the input of, else None) for each part of each graph output."""
+def _output_parts(model: onnx.ModelProto) -> list[tuple[str, str | None, int | None]]:
+    """(tensor, the Softmax / Sigmoid op it is the input of, else None, that Softmax's axis, else None) for
+    each part of each graph output."""
     producer = {o: n for n in model.graph.node for o in n.output}
 
     def through_shape_ops(t: str) -> str:
@@ -53,12 +54,14 @@ def _output_parts(model: onnx.ModelProto) -> list[tuple[str, str | None]]:
             t = through_shape_ops(producer[producer[t].input[0]].input[0])
         return t
 
-    def part(t: str) -> tuple[str, str | None]:
+    def part(t: str) -> tuple[str, str | None, int | None]:
         # a tool that quantizes the probabilities too (onnxruntime does) ends the graph in Softmax → Q → DQ
         u = under_requantization(t)
         if u in producer and producer[u].op_type in _SATURATING:
-            return producer[u].input[0], producer[u].op_type
-        return through_shape_ops(t), None
+            node = producer[u]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1) if node.op_type == "Softmax" else None
+            return node.input[0], node.op_type, axis
+        return through_shape_ops(t), None, None
 
     parts = []
     for out in model.graph.output:
@@ -78,6 +81,7 @@ class OutputError:
 
     total: float
     per_sample: np.ndarray | None
+    decisions: float | None = None  # share of Softmax positions whose argmax is float's (None: no Softmax)
 
 
 def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int,
@@ -92,9 +96,13 @@ def output_errors(float_model: onnx.ModelProto, model: onnx.ModelProto, data: Ca
                   position_mask: str | None = None) -> OutputError:
     """:func:`output_error`, with each sample's share: Σ over parts of that sample's squared error / the
     part's power over all of ``data``."""
-    ref_names, cand_names = gate_tensors(float_model), gate_tensors(model)
+    ref_parts, cand_names = _output_parts(float_model), gate_tensors(model)
+    ref_names = [name for name, _, _ in ref_parts]
+    softmax_axis = [axis if op == "Softmax" else None for _, op, axis in ref_parts]  # opset 13+: default -1
     if len(ref_names) != len(cand_names):  # the two graphs' heads differ in form: compare the outputs themselves
         ref_names = cand_names = [o.name for o in float_model.graph.output]
+        softmax_axis = [None] * len(ref_names)
+    agree = positions = 0
     ref = make_session(with_outputs(float_model, ref_names), optimized=True)
     cand = make_session(with_outputs(model, cand_names), optimized=False)
     err = [0.0] * len(ref_names)
@@ -113,11 +121,17 @@ def output_errors(float_model: onnx.ModelProto, model: onnx.ModelProto, data: Ca
                 sample_err[i].append(e)
                 err[i] += e
                 power[i] += float(np.sum(r64 ** 2))
+            if softmax_axis[i] is not None:  # the decision each position's probabilities make
+                axis = softmax_axis[i] % r.ndim
+                _, (rk, ck) = real_positions(mask, -1, np.moveaxis(r, axis, -1), np.moveaxis(c, axis, -1))
+                agree += int(np.sum(rk.argmax(-1) == ck.argmax(-1)))
+                positions += int(rk.size // max(rk.shape[-1], 1))
     total = float(sum(e / max(p, 1e-30) for e, p in zip(err, power)))
+    decisions = agree / positions if positions else None
     if not per_sample_axis:
-        return OutputError(total, None)
+        return OutputError(total, None, decisions)
     per_sample = sum(np.asarray(part) / max(p, 1e-30) for part, p in zip(sample_err, power))
-    return OutputError(total, np.asarray(per_sample, dtype=np.float64))
+    return OutputError(total, np.asarray(per_sample, dtype=np.float64), decisions)
 
 
 def _samples(t: np.ndarray, n: int, mask: np.ndarray | None) -> list[tuple[slice, np.ndarray | None]] | None:

@@ -197,6 +197,10 @@ def _gate_html(gate: dict | None) -> str:
     errs = ", ".join(f"{html.escape(k)} {v:.3g}" for k, v in gate["output_error"].items())
     samples = gate["held_out_samples"]
     worse = f"; {html.escape(held_out_account(samples))}" if samples and samples["worse_than_none"] else ""
+    decisions = gate.get("decision_agreement")
+    if decisions:
+        worse += "; held-out decision agreement with float (softmax argmax): " + \
+            ", ".join(f"{html.escape(k)} {v:.4f}" for k, v in decisions.items())
     return (f"<section><h2>CWAC output gate</h2><p>kept: <b>{html.escape(gate['target'])}</b> · held-out output "
             f"error (Σ over outputs of MSE / mean(float²)): {errs}{worse}</p></section>")
 

@@ -89,3 +89,53 @@ def test_held_out_samples_counts_the_samples_a_candidate_made_worse():
                                       "added_error": {"global": round(1.1 / 7.0, 4), "local": 0.0}}
     assert fit.summary(3)["held_out_samples"] == fit.held_out_samples()
     assert CwacFit({}, "none", [], {}, 0, 0.0).held_out_samples() is None
+
+
+def test_output_errors_count_softmax_decisions_that_agree_with_float(tmp_path):
+    """A Softmax output's decisions: the share of positions (here [N, T] of a [N, T, C] per-position
+    classifier, softmax on the class axis) whose argmax is float's, counted as numpy counts it; a
+    Sigmoid / Concat head has none."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(6, 5)).astype(np.float32)
+
+    def per_position_classifier(weight):
+        g = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node("Softmax", ["logits"], ["y"], axis=2)],
+            "cls", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 7, 6])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 7, 5])],
+            [onnx.numpy_helper.from_array(weight, "w")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+    nudged = w + rng.normal(size=w.shape).astype(np.float32) * 0.6
+    feeds = [{"x": rng.normal(size=(1, 7, 6)).astype(np.float32)} for _ in range(9)]
+    data = open_calibration(feeds, InputSpec.from_model(per_position_classifier(w)))
+    x = np.concatenate([f["x"] for f in feeds])
+    expected = float(np.mean((x @ w).argmax(-1) == (x @ nudged).argmax(-1)))
+    assert 0.3 < expected < 1  # some decisions changed, not all
+    got = output_errors(per_position_classifier(w), per_position_classifier(nudged), data, 4)
+    assert got.decisions == pytest.approx(expected)
+    assert output_errors(per_position_classifier(w), per_position_classifier(w), data, 4).decisions == 1.0
+    concat = _with_head("concat")
+    img = open_calibration([{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)],
+                           InputSpec.from_model(concat))
+    assert output_errors(concat, concat, img, 2).decisions is None
+
+
+def test_a_kept_candidate_that_changed_decisions_is_reported():
+    """Lower output error but fewer decisions agreeing with float: reported in the gate record and as a
+    warning in the compile summary; agreeing at least as often: nothing said."""
+    from types import SimpleNamespace
+
+    from qwt2_onnx.render import _cwac_lines
+
+    fit = CwacFit({}, "global", [], {"none": 0.13, "global": 0.066}, 0, 0.0,
+                  decisions={"none": 0.955, "global": 0.934, "local": 0.96})
+    assert fit.decisions_lost() == (0.955, 0.934)
+    assert fit.gate_record()["decision_agreement"] == {"none": 0.955, "global": 0.934, "local": 0.96}
+    lines = _cwac_lines(SimpleNamespace(cwac=fit, stages={}, plan=SimpleNamespace(layers=[1, 2])))
+    assert any("lowers held-out decision agreement with float" in x and "0.9550 → 0.9340" in x for x in lines)
+    fine = CwacFit({}, "local", [], {}, 0, 0.0, decisions={"none": 0.955, "local": 0.96})
+    assert fine.decisions_lost() is None
+    assert not any("decision" in x for x in _cwac_lines(SimpleNamespace(cwac=fine, stages={},
+                                                                          plan=SimpleNamespace(layers=[1]))))
+    assert CwacFit({}, "none", [], {}, 0, 0.0).gate_record()["decision_agreement"] is None
