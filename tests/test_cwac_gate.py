@@ -2,6 +2,10 @@
 (onnxruntime quantizes a Softmax's / Sigmoid's output too: the graph ends in Softmax → Q → DQ)."""
 from __future__ import annotations
 
+import json
+from importlib import resources
+
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -132,6 +136,8 @@ def test_a_kept_candidate_that_changed_decisions_is_reported():
                   decisions={"none": 0.955, "global": 0.934, "local": 0.96})
     assert fit.decisions_lost() == (0.955, 0.934)
     assert fit.gate_record()["decision_agreement"] == {"none": 0.955, "global": 0.934, "local": 0.96}
+    schema = json.loads(resources.files("qwt2_onnx").joinpath("data/check_report.schema.json").read_text())
+    jsonschema.validate(fit.gate_record(), {**schema["$defs"]["cwac_gate"], "$defs": schema["$defs"]})
     lines = _cwac_lines(SimpleNamespace(cwac=fit, stages={}, plan=SimpleNamespace(layers=[1, 2])))
     assert any("lowers held-out decision agreement with float" in x and "0.9550 → 0.9340" in x for x in lines)
     fine = CwacFit({}, "local", [], {}, 0, 0.0, decisions={"none": 0.955, "local": 0.96})
