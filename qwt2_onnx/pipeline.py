@@ -182,16 +182,11 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
         data.validate()
         check_position_mask(config.cwac, specs, data)
     with _stage("normalize", seconds):
-        float_model = NormalizePass(13)(fmodel).graph
-        result = FoldConstantQuantizersPass()(NormalizePass(13)(qmodel).graph)
-        stages["normalize"] = result.stats
-        qgraph = gs.import_onnx(result.graph)
-        plain = export_model(qgraph.toposort())
+        float_model, plain, stages["normalize"] = normalize_upgrade_inputs(qmodel, fmodel)
     with _stage("plan", seconds):
-        qgraph = gs.import_onnx(plain)
-        plan = plan_from_qdq(qgraph, gs.import_onnx(float_model))
+        plan, coarse = plan_upgrade(plain, float_model)
         stages["plan"] = {"layers": len(plan.layers), "skipped": dict(plan.skipped), "unmatched_patterns": [],
-                          "coarse_weight_grids": coarse_weight_grids(qgraph, plan)}
+                          "coarse_weight_grids": coarse}
         if not plan.layers:
             raise QwtError("no quantized layer of the QDQ model has a float counterpart to fit against",
                            notes=[f"{name}: {why}" for name, why in list(plan.skipped.items())[:10]],
@@ -202,6 +197,21 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
     calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
     return _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
                                  unfused_path, measure, seconds, stages, external, float_layers)
+
+
+def normalize_upgrade_inputs(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto) -> tuple:
+    """Upgrade mode's inputs at opset 13, the QDQ model's ``Q(constant)`` weights folded to integer
+    constants: (float model, plain QDQ model, the fold's stats)."""
+    result = FoldConstantQuantizersPass()(NormalizePass(13)(qmodel).graph)
+    return NormalizePass(13)(fmodel).graph, export_model(gs.import_onnx(result.graph).toposort()), result.stats
+
+
+def plan_upgrade(plain: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[QuantPlan, dict[str, dict]]:
+    """The QDQ model's layers (``plan_from_qdq``) and its coarse per-tensor weight grids
+    (``coarse_weight_grids``)."""
+    plain_graph = gs.import_onnx(plain)
+    plan = plan_from_qdq(plain_graph, gs.import_onnx(float_model))
+    return plan, coarse_weight_grids(plain_graph, plan)
 
 
 def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,

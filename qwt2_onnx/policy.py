@@ -30,6 +30,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .config import QuantConfig
+from .quant import integer_range
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +268,6 @@ def plan_from_qdq(qgraph: gs.Graph, fgraph: gs.Graph) -> QuantPlan:
     return QuantPlan(layers, skipped, [])
 
 
-_INT4_RANGES = {"int4": (-8, 7), "uint4": (0, 15)}
 COARSE_GRID_FRACTION = 1 / 8  # a median channel below 1/8 of the grid's steps has lost 3 bits or more
 
 
@@ -286,7 +286,7 @@ def coarse_weight_grids(qgraph: gs.Graph, plan: QuantPlan) -> dict[str, dict]:
         codes = np.asarray(dq.inputs[0].values)
         zp = int(np.asarray(dq.inputs[2].values).astype(np.int64).ravel()[0]) \
             if len(dq.inputs) > 2 and isinstance(dq.inputs[2], gs.Constant) else 0
-        lo, hi = _INT4_RANGES.get(codes.dtype.name) or (np.iinfo(codes.dtype).min, np.iinfo(codes.dtype).max)
+        lo, hi = integer_range(codes.dtype)
         grid = max(hi - zp, zp - lo)
         rows = np.moveaxis(np.abs(codes.astype(np.int64) - zp), layer.axis, 0).reshape(codes.shape[layer.axis], -1)
         span = rows.max(axis=1)

@@ -56,6 +56,12 @@ class ActivationQParams:
     zero_point: np.ndarray  # 0-d array of the quantized dtype
 
 
+def integer_range(dtype) -> tuple[int, int]:
+    """The smallest and largest value of an integer tensor type, 4-bit (ml_dtypes) included."""
+    return {"int4": (-8, 7), "uint4": (0, 15)}.get(np.dtype(dtype).name) or \
+        (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+
+
 def activation_dtype(cfg: QuantConfig):
     if cfg.abits == 4:
         return ml_dtypes.uint4 if cfg.act_type == "u8" else ml_dtypes.int4

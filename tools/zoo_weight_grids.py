@@ -20,12 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnx  # noqa: E402
-import onnx_graphsurgeon as gs  # noqa: E402
 
 from qwt2_onnx.model_io import read_model  # noqa: E402
-from qwt2_onnx.passes.fold_constant_quantizers import FoldConstantQuantizersPass  # noqa: E402
-from qwt2_onnx.passes.normalize import NormalizePass  # noqa: E402
-from qwt2_onnx.policy import coarse_weight_grids, plan_from_qdq  # noqa: E402
+from qwt2_onnx.pipeline import normalize_upgrade_inputs, plan_upgrade  # noqa: E402
 from zoo import fetch_model  # noqa: E402
 from zoo_ort_baseline import _quiet, ort_options, ort_quantize  # noqa: E402
 from zoo_tasks import TASKS  # noqa: E402
@@ -33,10 +30,9 @@ from zoo_tasks import TASKS  # noqa: E402
 
 def scan(qdq_path, float_path) -> dict:
     """What upgrade mode's planning step finds in a QDQ model: its layers and the coarse weight grids."""
-    float_graph = gs.import_onnx(NormalizePass(13)(read_model(float_path)[0]).graph)
-    qgraph = gs.import_onnx(FoldConstantQuantizersPass()(NormalizePass(13)(read_model(qdq_path)[0]).graph).graph)
-    plan = plan_from_qdq(qgraph, float_graph)
-    return {"layers": len(plan.layers), "coarse_weight_grids": coarse_weight_grids(qgraph, plan)}
+    float_model, plain, _ = normalize_upgrade_inputs(read_model(qdq_path)[0], read_model(float_path)[0])
+    plan, coarse = plan_upgrade(plain, float_model)
+    return {"layers": len(plan.layers), "coarse_weight_grids": coarse}
 
 
 def main() -> int:

@@ -21,15 +21,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..quant import integer_range
 from . import PassResult
-
-_RANGES = {"int4": (-8, 7), "uint4": (0, 15)}
 
 
 def quantize(x: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int) -> np.ndarray:
     """QuantizeLinear's arithmetic in numpy (float64; output dtype = the zero point's, uint8 without one)."""
     dtype = zp.dtype if zp is not None else np.dtype(np.uint8)
-    lo, hi = _RANGES.get(dtype.name) or (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    lo, hi = integer_range(dtype)
     shape = [1] * x.ndim
     if scale.size > 1:
         shape[axis % x.ndim] = -1
