@@ -83,12 +83,7 @@ class CwacFit:
     # sample's share of its output error (absent where an output has no per-sample axis)
     decisions: dict[str, float] = dataclasses.field(default_factory=dict)  # candidate -> share of held-out
     # Softmax positions whose argmax is float's (absent without a Softmax output)
-
-    def decisions_lost(self) -> tuple[float, float] | None:
-        """(none's, the kept candidate's) held-out decision agreement with float where the kept candidate
-        agrees less often: its output error is lower, yet it changed decisions.  An account, not a veto."""
-        kept, base = self.decisions.get(self.target), self.decisions.get("none")
-        return (base, kept) if kept is not None and base is not None and kept < base else None
+    vetoed: list[str] = dataclasses.field(default_factory=list)  # candidates the decision veto removed
 
     def held_out_samples(self) -> dict | None:
         """How each candidate did sample by sample against no compensation: the held-out samples whose
@@ -117,7 +112,8 @@ class CwacFit:
         and the per-sample account (:meth:`held_out_samples`)."""
         return {"target": self.target, "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
                 "held_out_samples": self.held_out_samples(),
-                "decision_agreement": {k: round(v, 6) for k, v in self.decisions.items()} or None}
+                "decision_agreement": {k: round(v, 6) for k, v in self.decisions.items()} or None,
+                "vetoed": list(self.vetoed)}
 
     def summary(self, n_layers: int) -> dict:
         return {**self.gate_record(), "compensated": len(self.compensations), "layers": n_layers,
@@ -435,13 +431,30 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
         if progress:
             progress(1, len(candidates))
     scores = {t: e.total for t, e in scored.items()}
-    best = min(scores, key=lambda t: (scores[t], t != "none"))
+    best, vetoed = gate_choice(scored)
+    for t in vetoed:
+        logger.info("cwac %s vetoed: held-out decision agreement with float %.4f < none's %.4f", t,
+                    scored[t].decisions, none.decisions)
     comps, fits = results[best]
     fits = fits or results[candidates[0]][1]
     per_sample = {t: e.per_sample for t, e in scored.items() if e.per_sample is not None}
     decisions = {t: e.decisions for t, e in scored.items() if e.decisions is not None}
     return CwacFit(comps, best, fits, scores, max((f.stage for f in fits), default=0), time.perf_counter() - t0,
-                   per_sample=per_sample if len(per_sample) == len(scored) else {}, decisions=decisions)
+                   per_sample=per_sample if len(per_sample) == len(scored) else {}, decisions=decisions,
+                   vetoed=vetoed)
+
+
+def gate_choice(scored: dict[str, OutputError]) -> tuple[str, list[str]]:
+    """The output gate: the candidate with the lowest held-out output error (no compensation on a tie),
+    among those not vetoed, and the vetoed.  Vetoed is a candidate whose held-out decisions (argmax of
+    the Softmax outputs) agree with float's less often than no compensation's do: a lower output error
+    can still change decisions (an upgraded recognizer's logit error halved while a third of its Chinese
+    characters changed), and a decision is what a classifier's user sees."""
+    base = scored["none"].decisions
+    vetoed = [] if base is None else [t for t, e in scored.items()
+                                      if t != "none" and e.decisions is not None and e.decisions < base]
+    best = min((t for t in scored if t not in vetoed), key=lambda t: (scored[t].total, t != "none"))
+    return best, vetoed
 
 
 def check_position_mask(cfg: CwacConfig, specs: list[InputSpec], data: CalibrationSet) -> None:

@@ -71,10 +71,9 @@ def _cwac_lines(result) -> list[str]:
         from .report import held_out_account
 
         lines.append("  " + held_out_account(samples))
-    if lost := fit.decisions_lost():
-        lines.append(f"  warning: {fit.target} lowers held-out decision agreement with float (argmax of the softmax "
-                     f"outputs) {lost[0]:.4f} → {lost[1]:.4f} while lowering their error: it changed decisions; "
-                     f"check the task metric against --no-cwac before deploying")
+    for t in fit.vetoed:
+        lines.append(f"  {t} not kept: it lowers held-out decision agreement with float (argmax of the softmax "
+                     f"outputs) {fit.decisions['none']:.4f} → {fit.decisions[t]:.4f}")
     if fit.real_positions_layers:
         lines.append(f"  statistics and gates on real positions only (--cwac-position-mask): "
                      f"{fit.real_positions_layers} layers")

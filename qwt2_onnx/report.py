@@ -201,6 +201,9 @@ def _gate_html(gate: dict | None) -> str:
     if decisions:
         worse += "; held-out decision agreement with float (softmax argmax): " + \
             ", ".join(f"{html.escape(k)} {v:.4f}" for k, v in decisions.items())
+    if gate.get("vetoed"):
+        worse += "; not kept, for agreeing with float's decisions less often than no compensation: " + \
+            ", ".join(html.escape(t) for t in gate["vetoed"])
     return (f"<section><h2>CWAC output gate</h2><p>kept: <b>{html.escape(gate['target'])}</b> · held-out output "
             f"error (Σ over outputs of MSE / mean(float²)): {errs}{worse}</p></section>")
 

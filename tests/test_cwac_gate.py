@@ -13,8 +13,8 @@ from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
 from qwt2_onnx.calib_data import InputSpec, open_calibration
-from qwt2_onnx.cwac_fit import CwacFit
-from qwt2_onnx.cwac_gate import gate_tensors, output_error, output_errors
+from qwt2_onnx.cwac_fit import CwacFit, gate_choice
+from qwt2_onnx.cwac_gate import OutputError, gate_tensors, output_error, output_errors
 from tiny_models import conv_net
 
 
@@ -125,23 +125,41 @@ def test_output_errors_count_softmax_decisions_that_agree_with_float(tmp_path):
     assert output_errors(concat, concat, img, 2).decisions is None
 
 
-def test_a_kept_candidate_that_changed_decisions_is_reported():
-    """Lower output error but fewer decisions agreeing with float: reported in the gate record and as a
-    warning in the compile summary; agreeing at least as often: nothing said."""
+def test_the_gate_does_not_keep_a_candidate_that_changes_decisions():
+    """Lowest output error wins unless the candidate agrees with float's Softmax decisions less often than
+    no compensation does; then the next best that does not is kept, down to none."""
+    def e(total, decisions=None):
+        return OutputError(total, None, decisions)
+
+    # the made-worse upgrade in docs/CWAC.md: global halves the error but changes decisions
+    assert gate_choice({"none": e(0.13, 0.954), "global": e(0.066, 0.935), "local": e(0.09, 0.965)}) == \
+        ("local", ["global"])
+    assert gate_choice({"none": e(0.13, 0.954), "global": e(0.066, 0.935), "local": e(0.09, 0.95)}) == \
+        ("none", ["global", "local"])
+    assert gate_choice({"none": e(0.13, 0.954), "global": e(0.066, 0.954), "local": e(0.09, 0.99)}) == \
+        ("global", [])  # as often is enough: error decides
+    assert gate_choice({"none": e(0.13), "global": e(0.066), "local": e(0.09)}) == ("global", [])  # no Softmax
+    assert gate_choice({"none": e(0.13, 0.9), "global": e(0.2, 0.95)}) == ("none", [])
+
+
+def test_a_vetoed_candidate_is_reported():
+    """The gate record lists the vetoed candidates (valid against the report schema) and the compile
+    summary says why each was not kept; with none vetoed, nothing is said."""
     from types import SimpleNamespace
 
     from qwt2_onnx.render import _cwac_lines
 
-    fit = CwacFit({}, "global", [], {"none": 0.13, "global": 0.066}, 0, 0.0,
-                  decisions={"none": 0.955, "global": 0.934, "local": 0.96})
-    assert fit.decisions_lost() == (0.955, 0.934)
-    assert fit.gate_record()["decision_agreement"] == {"none": 0.955, "global": 0.934, "local": 0.96}
+    fit = CwacFit({}, "local", [], {"none": 0.13, "global": 0.066, "local": 0.09}, 0, 0.0,
+                  decisions={"none": 0.955, "global": 0.934, "local": 0.96}, vetoed=["global"])
+    record = fit.gate_record()
+    assert record["decision_agreement"] == {"none": 0.955, "global": 0.934, "local": 0.96}
+    assert record["vetoed"] == ["global"]
     schema = json.loads(resources.files("qwt2_onnx").joinpath("data/check_report.schema.json").read_text())
-    jsonschema.validate(fit.gate_record(), {**schema["$defs"]["cwac_gate"], "$defs": schema["$defs"]})
+    jsonschema.validate(record, {**schema["$defs"]["cwac_gate"], "$defs": schema["$defs"]})
     lines = _cwac_lines(SimpleNamespace(cwac=fit, stages={}, plan=SimpleNamespace(layers=[1, 2])))
-    assert any("lowers held-out decision agreement with float" in x and "0.9550 → 0.9340" in x for x in lines)
+    assert any("global not kept" in x and "0.9550 → 0.9340" in x for x in lines)
     fine = CwacFit({}, "local", [], {}, 0, 0.0, decisions={"none": 0.955, "local": 0.96})
-    assert fine.decisions_lost() is None
+    assert fine.gate_record()["vetoed"] == []
     assert not any("decision" in x for x in _cwac_lines(SimpleNamespace(cwac=fine, stages={},
                                                                           plan=SimpleNamespace(layers=[1]))))
     assert CwacFit({}, "none", [], {}, 0, 0.0).gate_record()["decision_agreement"] is None

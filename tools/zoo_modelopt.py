@@ -3,7 +3,7 @@
     pip install --no-deps nvidia-modelopt==0.47.0      # --no-deps: it would pull an unpinned torch,
     pip install tqdm nvidia-ml-py onnxslim onnxscript lief  # cupy-cuda12x and onnxruntime-gpu
     python tools/zoo_modelopt.py [names...] [--size NAME:N_FIELD=VALUE ...] [--n-calib 64]
-                                 [--json docs/modelopt_upgrade.json]
+                                 [--weights-as-initializers] [--json docs/modelopt_upgrade.json]
 
 Per zoo model, ``modelopt.onnx.quantization.quantize`` writes TensorRT's INT8
 QDQ model (symmetric int8 activations and weights, ``max`` calibration on the
@@ -12,7 +12,11 @@ calibrated on onnxruntime's CPU provider); ``upgrade_model`` fits CWAC on
 that model's grid against the float model, ``--target trt`` (float bias).
 Both models' task metric is measured in float simulation (onnxruntime,
 optimizations off: TensorRT's arithmetic up to rounding; no GPU here) and
-with onnxruntime's optimizations on.  Not part of CI (the package is not a
+with onnxruntime's optimizations on.  ``--weights-as-initializers`` first
+turns the float model's Constant nodes into initializers (the Paddle exports
+hold their weights in Constant nodes, which Model Optimizer quantizes per
+tensor, like activations); its rows are stored as "NAME (weights as
+initializers)".  Not part of CI (the package is not a
 dependency); run by hand, results in the JSON.
 """
 from __future__ import annotations
@@ -26,7 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import onnx  # noqa: E402
+
 from qwt2_onnx import CompileConfig, QuantConfig  # noqa: E402
+from qwt2_onnx.passes.normalize import NormalizePass  # noqa: E402
 from qwt2_onnx.pipeline import upgrade_model  # noqa: E402
 from zoo import fetch_model  # noqa: E402
 from zoo_eval import session  # noqa: E402
@@ -46,8 +53,18 @@ def modelopt_quantize(model: Path, feeds: dict, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run(name: str, task, n_calib: int, workdir: Path) -> dict:
+def weights_as_initializers(model: Path, out: Path) -> Path:
+    """``model`` with its Constant nodes turned into initializers, at ``out`` (same function)."""
+    proto = onnx.load(str(model))
+    NormalizePass._constants_to_initializers(proto)
+    onnx.save(proto, str(out))
+    return out
+
+
+def run(name: str, task, n_calib: int, workdir: Path, initializers: bool = False) -> dict:
     model = fetch_model(name)
+    if initializers:
+        model = weights_as_initializers(model, workdir / f"{name}.init.onnx")
     feeds = task.calib_feeds(model, n_calib)
     qpath, out = workdir / f"{name}.modelopt.onnx", workdir / f"{name}.modelopt.cwac.onnx"
     mo_s = modelopt_quantize(model, feeds, qpath)
@@ -72,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", action="append", default=[], metavar="NAME:N_FIELD=VALUE",
                     help="evaluation-set size override, e.g. yolov8n:n_eval=300 (repeatable)")
     ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--weights-as-initializers", action="store_true",
+                    help="turn the float model's Constant nodes into initializers before quantizing")
     ap.add_argument("--json", type=Path, default=Path("docs/modelopt_upgrade.json"))
     args = ap.parse_args(argv)
     _quiet()
@@ -84,10 +103,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         for name in args.names or list(TASKS):
             task = type(TASKS[name])(**sizes.get(name, {}))
-            row = run(name, task, args.n_calib, Path(d))
+            row = run(name, task, args.n_calib, Path(d), args.weights_as_initializers)
             row["sizes"] = sizes.get(name, {})
-            results[name] = row
-            print(f"{name}: modelopt {row['modelopt simulated']} -> upgraded {row['upgraded simulated']}", flush=True)
+            key = f"{name} (weights as initializers)" if args.weights_as_initializers else name
+            results[key] = row
+            print(f"{key}: modelopt {row['modelopt simulated']} -> upgraded {row['upgraded simulated']}", flush=True)
             args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     return 0
 
