@@ -148,6 +148,7 @@ def test_a_vetoed_candidate_is_reported():
     from types import SimpleNamespace
 
     from qwt2_onnx.render import _cwac_lines
+    from qwt2_onnx.report import _gate_html
 
     fit = CwacFit({}, "local", [], {"none": 0.13, "global": 0.066, "local": 0.09}, 0, 0.0,
                   decisions={"none": 0.955, "global": 0.934, "local": 0.96}, vetoed=["global"])
@@ -158,6 +159,7 @@ def test_a_vetoed_candidate_is_reported():
     jsonschema.validate(record, {**schema["$defs"]["cwac_gate"], "$defs": schema["$defs"]})
     lines = _cwac_lines(SimpleNamespace(cwac=fit, stages={}, plan=SimpleNamespace(layers=[1, 2])))
     assert any("global not kept" in x and "0.9550 → 0.9340" in x for x in lines)
+    assert "less often than no compensation: global" in _gate_html(record)
     fine = CwacFit({}, "local", [], {}, 0, 0.0, decisions={"none": 0.955, "local": 0.96})
     assert fine.gate_record()["vetoed"] == []
     assert not any("decision" in x for x in _cwac_lines(SimpleNamespace(cwac=fine, stages={},
