@@ -66,7 +66,8 @@ def main(verbose: int) -> None:
               help="Activation ranges given from outside: .npz of '<weight>:input_range' / ':output_range' [lo, hi].")
 @click.option("--no-cwac", is_flag=True, help="Plain PTQ: no QwT-v2 compensation.")
 @click.option("--cwac-target", type=click.Choice(["auto", "global", "local"]), default="auto", show_default=True,
-              help="CWAC fit target; auto fits both and keeps the one with the lower held-out output error.")
+              help="CWAC fit target; auto fits both and keeps the one with the lower held-out output error "
+                   "(never one whose Softmax argmax agrees with float less often than no compensation's).")
 @click.option("--cwac-head-fit", type=click.Choice(["spread", "lsq"]), default="spread", show_default=True,
               help="Score heads (layers whose output is the logits of a Sigmoid graph output): keep the float "
                    "logits' spread, or fit by least squares like every other layer (which shrinks them "
