@@ -98,7 +98,7 @@ def output_errors(float_model: onnx.ModelProto, model: onnx.ModelProto, data: Ca
     part's power over all of ``data``."""
     ref_parts, cand_names = _output_parts(float_model), gate_tensors(model)
     ref_names = [name for name, _, _ in ref_parts]
-    softmax_axis = [axis if op == "Softmax" else None for _, op, axis in ref_parts]  # opset 13+: default -1
+    softmax_axis = [axis for _, _, axis in ref_parts]  # None but on a Softmax (opset 13+: default -1)
     if len(ref_names) != len(cand_names):  # the two graphs' heads differ in form: compare the outputs themselves
         ref_names = cand_names = [o.name for o in float_model.graph.output]
         softmax_axis = [None] * len(ref_names)

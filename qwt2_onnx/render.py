@@ -56,8 +56,8 @@ def _coarse_grid_lines(coarse: dict | None) -> list[str]:
     more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
     return [f"  warning: per-tensor weight scales set by a few wide channels in {len(coarse)} layer(s) of the "
             f"input: the median channel spans only a few steps of the grid ({named}{more}).  CWAC keeps the "
-            f"input's grid and cannot give those channels their bits back: quantize these weights per channel where the model is quantized (onnxruntime: per_channel=True, "
-            f"with the weights stored as initializers; a weight held by a Constant node is quantized like an "
+            f"input's grid and cannot give those channels their bits back: quantize these weights per channel "
+            f"where the model is quantized (onnxruntime: per_channel=True, with the weights stored as initializers; a weight held by a Constant node is quantized like an "
             f"activation, per tensor)"]
 
 

@@ -248,11 +248,12 @@ def test_folded_constant_quantizer_codes_are_onnxruntimes(dtype, axis):
     from onnx import TensorProto, helper, numpy_helper
 
     from qwt2_onnx.passes.fold_constant_quantizers import quantize
+    from qwt2_onnx.quant import integer_range
 
     rng = np.random.default_rng(0)
     int4 = dtype == "int4"
     np_dtype = ml_dtypes.int4 if int4 else np.dtype(dtype)
-    lo, hi = (-8, 7) if int4 else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    lo, hi = integer_range(np_dtype)
     shape = (6, 40)
     channels = shape[axis] if axis is not None else 1
     scale = rng.uniform(0.001, 0.1, size=channels).astype(np.float32)
@@ -263,7 +264,6 @@ def test_folded_constant_quantizer_codes_are_onnxruntimes(dtype, axis):
     x[:, ::3] = rng.normal(scale=0.5, size=x[:, ::3].shape).astype(np.float32) * s.max() * hi
     split = np.rint(x / s) != np.rint(x.astype(np.float64) / s.astype(np.float64))
     assert split.any()  # the case the float32 arithmetic is for is in the data
-    qtype = TensorProto.INT4 if int4 else helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     attrs = {} if axis is None else {"axis": axis}
     sc, z = (scale[0], zp[0]) if axis is None else (scale, zp)
     graph = helper.make_graph(

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx  # noqa: E402
 
 from qwt2_onnx import CompileConfig, QuantConfig  # noqa: E402
-from qwt2_onnx.passes.normalize import NormalizePass  # noqa: E402
+from qwt2_onnx.passes.normalize import constants_to_initializers  # noqa: E402
 from qwt2_onnx.pipeline import upgrade_model  # noqa: E402
 from zoo import fetch_model  # noqa: E402
 from zoo_eval import session  # noqa: E402
@@ -56,7 +56,7 @@ def modelopt_quantize(model: Path, feeds: dict, out: Path) -> float:
 def weights_as_initializers(model: Path, out: Path) -> Path:
     """``model`` with its Constant nodes turned into initializers, at ``out`` (same function)."""
     proto = onnx.load(str(model))
-    NormalizePass._constants_to_initializers(proto)
+    constants_to_initializers(proto)
     onnx.save(proto, str(out))
     return out
 

@@ -4,7 +4,8 @@
                                      [--json docs/weight_grids.json]
 
 Per zoo model, onnxruntime ``quantize_static`` quantizes it as tools/zoo_upgrade.py does (each
-configuration, int8 and int4 weights; int4 skipped where onnxruntime wrote none), and upgrade mode's planning step lists the layers
+configuration, int8 and int4 weights; int4 skipped where onnxruntime wrote none), and upgrade mode's
+planning step lists the layers
 ``policy.coarse_weight_grids`` flags: weights quantized per tensor whose median output channel spans
 under 1/8 of the grid's steps.  No CWAC fit and no evaluation (the task metrics of the same models are
 in docs/ZOO.md's upgrade table); a few minutes on the whole zoo.

@@ -11,8 +11,8 @@ nodes, without its pre-processing)::
 The integer values are what the QuantizeLinear computes
 (``saturate(round_half_even(x / scale) + zero_point)``, per tensor or per
 axis; also onnxruntime's ``com.microsoft`` QuantizeLinear, which its int4
-weights use), so the graph computes exactly the same thing; the weight is now a plain ``DQ(constant)`` that upgrade mode can fold
-CWAC into.  Runs on the ``onnx.ModelProto`` after ``NormalizePass``.
+weights use), so the graph computes exactly the same thing; the weight is now
+a plain ``DQ(constant)`` that upgrade mode can fold CWAC into.  Runs on the ``onnx.ModelProto`` after ``NormalizePass``.
 """
 from __future__ import annotations
 

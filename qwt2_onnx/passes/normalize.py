@@ -52,13 +52,33 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Move the main graph's ``Constant`` nodes (not graph outputs) into initializers, in place; returns
+    how many moved (the function the graph computes is unchanged)."""
+    graph_outputs = {o.name for o in model.graph.output}
+    keep, moved = [], 0
+    for node in model.graph.node:
+        tensor = None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in graph_outputs:
+            tensor = _constant_value(node)
+        if tensor is None:
+            keep.append(node)
+            continue
+        model.graph.initializer.append(tensor)
+        moved += 1
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return moved
+
+
 class NormalizePass:
     def __init__(self, min_opset: int = 13):
         self.min_opset = min_opset
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         stats = {"renamed_nodes": self._name_nodes(model),
-                 "constants_to_initializers": self._constants_to_initializers(model),
+                 "constants_to_initializers": constants_to_initializers(model),
                  "initializer_inputs_removed": self._drop_initializer_inputs(model)}
         stats["opset"] = self._upgrade_opset(model)
         model = self._infer_shapes(model, stats)
@@ -84,24 +104,6 @@ class NormalizePass:
             seen.add(name)
             renamed += 1
         return renamed
-
-    @staticmethod
-    def _constants_to_initializers(model: onnx.ModelProto) -> int:
-        graph_outputs = {o.name for o in model.graph.output}
-        keep, moved = [], 0
-        for node in model.graph.node:
-            tensor = None
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in graph_outputs:
-                tensor = _constant_value(node)
-            if tensor is None:
-                keep.append(node)
-                continue
-            model.graph.initializer.append(tensor)
-            moved += 1
-        if moved:
-            del model.graph.node[:]
-            model.graph.node.extend(keep)
-        return moved
 
     @staticmethod
     def _drop_initializer_inputs(model: onnx.ModelProto) -> int:
