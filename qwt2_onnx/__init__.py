@@ -1,8 +1,23 @@
-"""qwt2-onnx: compile a float ONNX model into a deployable int8 QDQ model."""
-from .config import CalibConfig, CompileConfig, QuantConfig
-from .errors import QwtError, StageError
-from .pipeline import CompileResult, compile_model
-from .torch_export import export  # imports torch only when called (extra [torch])
+"""qwt2-onnx: compile a float ONNX model into a deployable int8 QDQ model.
 
-__all__ = ["CalibConfig", "CompileConfig", "CompileResult", "QuantConfig", "QwtError", "StageError", "compile_model", "export"]
+The public names are imported on first use (PEP 562), so that ``import qwt2_onnx.entry`` — what the
+command line starts with — installs its signal handlers before numpy, onnx or onnxruntime load.
+"""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {"CalibConfig": "config", "CompileConfig": "config", "QuantConfig": "config", "QwtError": "errors",
+           "StageError": "errors", "CompileResult": "pipeline", "compile_model": "pipeline",
+           "export": "torch_export"}  # export imports torch only when called (extra [torch])
+
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,8 @@ Feed = dict[str, np.ndarray]
 _ONNX_TO_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
                onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
                onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,
-               onnx.TensorProto.INT8: np.int8, onnx.TensorProto.BOOL: np.bool_}
+               onnx.TensorProto.INT8: np.int8, onnx.TensorProto.BOOL: np.bool_, onnx.TensorProto.INT16: np.int16,
+               onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.UINT32: np.uint32, onnx.TensorProto.UINT64: np.uint64}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -53,7 +54,16 @@ class InputSpec:
                 continue
             tt = vi.type.tensor_type
             dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-            specs.append(cls(vi.name, np.dtype(_ONNX_TO_NP.get(tt.elem_type, np.float32)), dims))
+            if tt.elem_type not in _ONNX_TO_NP:
+                kind = onnx.TensorProto.DataType.Name(tt.elem_type) if tt.elem_type in \
+                    onnx.TensorProto.DataType.values() else str(tt.elem_type)
+                raise QwtError(f"graph input '{vi.name}' has element type {kind}, which calibration data cannot "
+                               "be given in",
+                               notes=[f"supported input types: {', '.join(np.dtype(t).name for t in _ONNX_TO_NP.values())}",
+                                      "bfloat16/float16/float64 weights and computation inside the model are fine: "
+                                      "they are computed in float32"],
+                               fix="re-export the model with float32 (or float16) inputs")
+            specs.append(cls(vi.name, np.dtype(_ONNX_TO_NP[tt.elem_type]), dims))
         return specs
 
     def shape_str(self) -> str:
@@ -70,6 +80,22 @@ class ImagePreprocess:
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     scale: float = 1.0 / 255.0
     channel_order: str = "RGB"
+
+    def __post_init__(self) -> None:
+        def bad(what: str, value, fix: str) -> QwtError:
+            return QwtError(f"image preprocessing: {what} {value!r} is invalid", fix=fix)
+
+        if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.size):
+            raise bad("--image-size", self.size, "pass two whole numbers > 0 as H,W, e.g. --image-size 224,224")
+        for what, values in (("--mean", self.mean), ("--std", self.std)):
+            if len(values) != 3 or not all(np.isfinite(v) for v in values):
+                raise bad(what, values, f"pass 3 finite numbers (R,G,B), e.g. {what} 0.485,0.456,0.406")
+        if not all(v > 0 for v in self.std):
+            raise bad("--std", self.std, "every standard deviation must be > 0")
+        if not (np.isfinite(self.scale) and self.scale > 0):
+            raise bad("--scale", self.scale, "pass a finite factor > 0, e.g. 0.00392 (1/255)")
+        if self.layout.upper() not in ("NCHW", "NHWC") or self.channel_order.upper() not in ("RGB", "BGR"):
+            raise bad("--layout / --channel-order", (self.layout, self.channel_order), "use NCHW|NHWC and RGB|BGR")
 
 
 class CalibrationSet:

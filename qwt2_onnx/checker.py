@@ -57,9 +57,16 @@ class OutputPart:
         if not m:
             raise QwtError(f"cannot parse output part {text!r}",
                            fix="write it as NAME=OUTPUT:axis=AXIS:START:STOP, e.g. boxes=output0:axis=1:0:4")
+        if int(m[4]) >= int(m[5]):
+            raise QwtError(f"output part {text!r} is empty: START {m[4]} is not below STOP {m[5]}",
+                           fix="write NAME=OUTPUT:axis=AXIS:START:STOP with START < STOP")
         return cls(m[1], m[2], int(m[3]), int(m[4]), int(m[5]))
 
     def take(self, x: np.ndarray) -> np.ndarray:
+        if not -x.ndim <= self.axis < x.ndim or self.stop > x.shape[self.axis]:
+            raise QwtError(f"output part '{self.name}' does not fit output '{self.output}' of shape {list(x.shape)}",
+                           notes=[f"axis {self.axis}, range {self.start}:{self.stop}"],
+                           fix=f"pick an axis in [-{x.ndim}, {x.ndim - 1}] and STOP <= that axis's size")
         sl = [slice(None)] * x.ndim
         sl[self.axis % x.ndim] = slice(self.start, self.stop)
         return x[tuple(sl)]

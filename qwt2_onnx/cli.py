@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
 from .calib_data import ImagePreprocess, InputSpec, open_calibration, random_calibration
 from .config import CalibConfig, CompileConfig, CwacConfig, QuantConfig
-from .errors import QwtError
+from .errors import EXIT_INTERNAL, QwtError
 from .model_io import load_model
 
 
@@ -25,16 +28,60 @@ def _floats(text: str | None, n: int | None = None) -> tuple[float, ...] | None:
     return vals
 
 
+def _ints(text: str, what: str, n: int | None = None, minimum: int = 1) -> tuple[int, ...]:
+    """Comma-separated whole numbers >= ``minimum`` (``8.7`` or ``nan`` is refused, never truncated)."""
+    parts = text.split(",")
+    if (n and len(parts) != n) or not all(p.strip().lstrip("-").isdigit() for p in parts) \
+            or any(int(p) < minimum for p in parts):
+        count = f"{n} " if n else ""
+        example = "1,3,224,224" if what == "--shape" else ",".join(["224"] * (n or 2))
+        raise QwtError(f"{what} {text!r}: expected {count}comma-separated whole numbers >= {minimum}",
+                       fix=f"e.g. {what} {example}")
+    return tuple(int(p) for p in parts)
+
+
+def _file_path(text: str | None, option: str) -> Path | None:
+    """An output file path as typed: ``newdir/`` names a folder, which a model cannot be written as."""
+    if text is None:
+        return None
+    if not text or text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise QwtError(f"{option} {text!r} names a folder, not a file",
+                       fix=f"pass a file path, e.g. {option} {text.rstrip('/' + os.sep) or '.'}/model.int8.onnx")
+    return Path(text)
+
+
 def _default_output(model: Path, qcfg: QuantConfig, here: bool) -> Path:
     tag = f"w{qcfg.wbits}a{qcfg.abits}" if (qcfg.wbits, qcfg.abits) != (8, 8) else "int8"
     name = f"{model.stem}.{tag}.{qcfg.target}.onnx"
     return Path(name) if here else model.with_name(name)
 
 
-@click.group()
+class _Main(click.Group):
+    """The exit codes are an API (README, "Exit codes"): every command runs inside this one handler."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except QwtError as e:
+            _fail(e)
+        except KeyboardInterrupt as e:  # Ctrl-C, or errors.Interrupted from SIGINT / SIGTERM (entry.py)
+            _interrupted(getattr(e, "exit_code", 130))
+        except Exception:  # noqa: BLE001  (our bug: say so, keep the traceback)
+            click.secho("internal error: this is a bug in qwt2-onnx, not in your model or data; please report it "
+                        "with the traceback below", fg="red", err=True)
+            traceback.print_exc()
+            sys.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=_Main)
 @click.option("-v", "--verbose", count=True, help="-v: one line per stage; -vv: per node.")
 def main(verbose: int) -> None:
-    """qwt2-onnx: float ONNX -> deployable int8 QDQ ONNX."""
+    """qwt2-onnx: float ONNX -> deployable int8 QDQ ONNX.
+
+    Exit codes: 0 success, 1 the equivalence check failed, 2 bad model / data / option, 130 / 143
+    interrupted (SIGINT / SIGTERM), 3 internal error (a bug: please report it)."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -43,11 +90,12 @@ def main(verbose: int) -> None:
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--calib", "calib", type=click.Path(path_type=Path), help=".npz, or a folder of .npy/.npz/images.")
 @click.option("--random-calib", type=int, default=None, metavar="N", help="Calibrate on N random samples (bad idea).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [MODEL.int8.<target>.onnx].")
+@click.option("-o", "--output", help="Output model [MODEL.int8.<target>.onnx].")
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--act-type", type=click.Choice(["u8", "s8"]), default=None, help="[ort: u8, trt: s8]")
 @click.option("--wbits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True)
-@click.option("--abits", type=click.Choice(["8", "6", "4"]), default="8", show_default=True)
+@click.option("--abits", type=click.Choice(["8", "6"]), default="8", show_default=True,
+              help="Activation bits (6: simulated in an 8-bit container).")
 @click.option("--full-range-weights", is_flag=True,
               help="ort: use the full [-127,127] weight range (only safe on CPUs with VNNI/AVX512-VNNI).")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="percentile", show_default=True)
@@ -80,7 +128,7 @@ def main(verbose: int) -> None:
 @click.option("--cwac-cache-mib", type=int, default=None, metavar="MIB",
               help="In-memory budget of each of the CWAC fit's two caches of stage-boundary tensors; beyond it "
                    "they go to a temporary folder [CwacConfig.cache_mib].")
-@click.option("--emit-unfused", type=click.Path(path_type=Path), default=None,
+@click.option("--emit-unfused", default=None,
               help="Also write the unfused graph (explicit CWAC Mul/Add ops) here.")
 @click.option("--no-check", is_flag=True, help="Skip the equivalence check and its report (JSON + HTML beside OUT).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
@@ -103,69 +151,87 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
     from .pipeline import compile_model, upgrade_model
     from .render import render_summary
 
-    try:
-        demo = model is None
-        if demo:
-            click.echo(f"No MODEL given: compiling the embedded default ({default_model.model_path().name}, "
-                       "a digits CNN) on its bundled calibration set.", err=True)
-            model, calib = default_model.model_path(), calib or default_model.calib_path()
-        qcfg = QuantConfig(target=target, wbits=int(wbits), abits=int(abits), act_type=act_type,
-                           avx2_safe_weights=not full_range_weights,
-                           exclude_names=tuple(exclude), exclude_op_types=tuple(exclude_op))
-        config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples,
-                                                                    str(act_ranges) if act_ranges else None),
-                               cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, head_fit=cwac_head_fit,
-                                               lam=cwac_lambda, params=str(cwac_params) if cwac_params else None,
-                                               position_mask=cwac_position_mask,
-                                               **({} if cwac_cache_mib is None else {"cache_mib": cwac_cache_mib})),
-                               simplify=not no_simplify, check=not no_check,
-                               external_data_above=external_data_above)
-        if no_cwac and (cwac_target != "auto" or cwac_head_fit != "spread" or cwac_lambda != 0.0 or emit_unfused
-                        or cwac_cache_mib is not None or cwac_position_mask):
-            click.echo("warning: --cwac-target / --cwac-head-fit / --cwac-position-mask / --cwac-lambda / "
-                       "--cwac-cache-mib / --emit-unfused have no effect with --no-cwac", err=True)
-        if calib_method != "percentile" and percentile != 99.99:
-            click.echo("warning: --percentile has no effect unless --calib-method percentile", err=True)
-        pre = None
-        if image_size:
-            h, w = (int(v) for v in _floats(image_size, 2))
-            pre = ImagePreprocess((h, w), layout, _floats(mean), _floats(std), scale, channel_order)
-        if calib is None and random_calib is None:
-            raise QwtError("no calibration data", fix="pass --calib DATA (or, for a smoke test only, --random-calib N)")
-        if random_calib is not None:
-            if calib is not None:
-                raise QwtError("--calib and --random-calib are mutually exclusive", fix="pass only one of them")
-            click.secho(f"WARNING: calibrating on {random_calib} RANDOM samples: the ranges will not match real "
-                        "data and accuracy will suffer. Use --calib with real data for a model you deploy.",
-                        fg="red", bold=True, err=True)
-            calib = random_calibration(InputSpec.from_model(load_model(model)), random_calib)
-        if float_model is not None and output is None:
-            output = model.with_name(f"{model.stem}.cwac.onnx")
-        output = output or _default_output(model, qcfg, here=demo)
-        with _Progress("calibrating") as progress:
-            unfused = None if no_cwac else emit_unfused
-            if float_model is not None:
-                if no_cwac:
-                    raise QwtError("--float-model (upgrade mode) with --no-cwac would change nothing",
-                                   fix="drop --no-cwac, or compile the float model itself")
-                result = upgrade_model(model, float_model, calib, output, config, image_preprocess=pre,
-                                       unfused_path=unfused)
-            else:
-                result = compile_model(model, calib, output, config, image_preprocess=pre, progress=progress,
-                                       unfused_path=unfused)
-        click.echo(render_summary(result))
-        if demo:
-            click.echo(_demo_accuracy(result))
-    except QwtError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        _interrupted()
+    output, emit_unfused = _file_path(output, "-o"), _file_path(emit_unfused, "--emit-unfused")
+    demo = model is None
+    if demo:
+        click.echo(f"No MODEL given: compiling the embedded default ({default_model.model_path().name}, "
+                   "a digits CNN) on its bundled calibration set.", err=True)
+        model, calib = default_model.model_path(), calib or default_model.calib_path()
+    qcfg = QuantConfig(target=target, wbits=int(wbits), abits=int(abits), act_type=act_type,
+                       avx2_safe_weights=not full_range_weights,
+                       exclude_names=tuple(exclude), exclude_op_types=tuple(exclude_op))
+    config = CompileConfig(quant=qcfg, calib=CalibConfig(calib_method, percentile, batch_size, max_samples,
+                                                                str(act_ranges) if act_ranges else None),
+                           cwac=CwacConfig(enabled=not no_cwac, target=cwac_target, head_fit=cwac_head_fit,
+                                           lam=cwac_lambda, params=str(cwac_params) if cwac_params else None,
+                                           position_mask=cwac_position_mask,
+                                           **({} if cwac_cache_mib is None else {"cache_mib": cwac_cache_mib})),
+                           simplify=not no_simplify, check=not no_check,
+                           external_data_above=external_data_above)
+    ctx = click.get_current_context()
+    given = {p.name for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)}
+
+    def no_effect(names: list[str], why: str) -> None:
+        used = [f"--{n.replace('_', '-')}" for n in names if n in given]
+        if used:
+            click.echo(f"warning: {' / '.join(used)} {'has' if len(used) == 1 else 'have'} no effect {why}", err=True)
+
+    if no_cwac:
+        no_effect(["cwac_target", "cwac_head_fit", "cwac_position_mask", "cwac_lambda", "cwac_cache_mib",
+                   "emit_unfused", "cwac_params"], "with --no-cwac")
+    if calib_method != "percentile":
+        no_effect(["percentile"], "unless --calib-method percentile")
+    image_options = ["layout", "mean", "std", "scale", "channel_order"]
+    if calib is None or not Path(calib).is_dir():
+        no_effect(["image_size", *image_options], "unless --calib is a folder of images")
+    elif not image_size:
+        no_effect(image_options, "without --image-size")
+    if random_calib is not None and random_calib < 1:
+        raise QwtError(f"--random-calib {random_calib}: at least one sample is needed", fix="e.g. --random-calib 32")
+    pre = None
+    if image_size:
+        h, w = _ints(image_size, "--image-size", 2)
+        pre = ImagePreprocess((h, w), layout, _floats(mean), _floats(std), scale, channel_order)
+    if calib is None and random_calib is None:
+        raise QwtError("no calibration data", fix="pass --calib DATA (or, for a smoke test only, --random-calib N)")
+    if random_calib is not None:
+        if calib is not None:
+            raise QwtError("--calib and --random-calib are mutually exclusive", fix="pass only one of them")
+        click.secho(f"WARNING: calibrating on {random_calib} RANDOM samples: the ranges will not match real "
+                    "data and accuracy will suffer. Use --calib with real data for a model you deploy.",
+                    fg="red", bold=True, err=True)
+        calib = random_calibration(InputSpec.from_model(load_model(model)), random_calib)
+    if float_model is not None and output is None:
+        output = model.with_name(f"{model.stem}.cwac.onnx")
+    output = output or _default_output(model, qcfg, here=demo)
+    with _Progress("calibrating") as progress:
+        unfused = None if no_cwac else emit_unfused
+        if float_model is not None:
+            if no_cwac:
+                raise QwtError("--float-model (upgrade mode) with --no-cwac would change nothing",
+                               fix="drop --no-cwac, or compile the float model itself")
+            result = upgrade_model(model, float_model, calib, output, config, image_preprocess=pre,
+                                   unfused_path=unfused)
+        else:
+            result = compile_model(model, calib, output, config, image_preprocess=pre, progress=progress,
+                                   unfused_path=unfused)
+    click.echo(render_summary(result))
+    if demo:
+        click.echo(_demo_accuracy(result))
 
 
-def _interrupted() -> None:
-    """Ctrl-C: every output is staged and removed unless complete, so say so and exit 130 (128 + SIGINT)."""
-    click.secho("interrupted: nothing was written", fg="red", err=True)
-    sys.exit(130)
+def _interrupted(code: int = 130) -> None:
+    """SIGINT / SIGTERM: every output is staged and removed unless all are complete; say truthfully what
+    was written and exit 128 + the signal (130 SIGINT, 143 SIGTERM)."""
+    from .model_io import written_paths
+
+    done = written_paths()
+    if done:
+        click.secho(f"interrupted after writing {', '.join(map(str, done))} (complete)", fg="red", err=True)
+    else:
+        click.secho("interrupted: nothing was written", fg="red", err=True)
+    sys.exit(code)
 
 
 def _fail(e: QwtError) -> None:
@@ -180,6 +246,8 @@ def _check_data(model: Path, data: Path | None, random_data: int | None, seed: i
         raise QwtError("pass exactly one of --data DATA and --random-data N", fix="--data takes the --calib formats")
     specs = InputSpec.from_model(load_model(model))
     if random_data is not None:
+        if random_data < 1:
+            raise QwtError(f"--random-data {random_data}: at least one sample is needed", fix="e.g. --random-data 16")
         click.secho(f"WARNING: checking on {random_data} random samples (seed {seed}); real data exercises the "
                     "ranges the model sees.", fg="yellow", err=True)
         return random_calibration(specs, random_data, seed=seed), seed
@@ -195,10 +263,49 @@ def _tolerances(atol: tuple[str, ...], rtol: tuple[str, ...], statistic: str, de
         for item in items:
             name, _, value = item.rpartition("=") if "=" in item else ("*", "", item)
             try:
-                values.setdefault(name, dict(values["*"]))[kind] = float(value)
+                number = float(value)
             except ValueError:
                 raise click.BadParameter(f"--{kind} {item!r}: expected VALUE or NAME=VALUE") from None
+            if not (math.isfinite(number) and number >= 0):
+                raise QwtError(f"--{kind} {item!r}: a tolerance must be a finite number >= 0", fix=f"e.g. --{kind} 0.05")
+            values.setdefault(name, dict(values["*"]))[kind] = number
     return {name: Tolerance(v["atol"], v["rtol"], statistic) for name, v in values.items()}
+
+
+def _check_run(data: Path | None, report_dir: Path | None, batch_size: int, models: list[tuple[Path, str]]) -> None:
+    """``check`` / ``diff``: options and the report folder checked before any model runs."""
+    from .run_paths import Access, check_run_paths, data_files, model_files
+
+    if batch_size < 1:
+        raise QwtError(f"--batch-size {batch_size} is out of range", fix="pass a whole number of samples >= 1")
+    if report_dir is None:
+        return
+    if report_dir.exists() and not report_dir.is_dir():
+        raise QwtError(f"--report {report_dir} is not a folder", fix="pass a folder (it is created if missing)")
+    reads = [a for path, role in models for a in model_files(path, role)] + data_files(data, "data")
+    writes = [Access(report_dir / "report.json", "JSON report"), Access(report_dir / "report.html", "HTML report")]
+    check_run_paths(reads, writes if report_dir.is_dir() else [Access(report_dir, "report folder")])
+
+
+def _same_interface(a, b, names: tuple[str, str]) -> None:
+    """Two models compared on the same samples must take the same inputs and give the same outputs."""
+    sa, sb = InputSpec.from_model(a), InputSpec.from_model(b)
+    ia, ib = {s.name: s for s in sa}, {s.name: s for s in sb}
+    problems = []
+    if set(ia) != set(ib):
+        problems.append(f"inputs: {names[0]} {sorted(ia)}, {names[1]} {sorted(ib)}")
+    for name in sorted(set(ia) & set(ib)):
+        x, y = ia[name], ib[name]
+        fixed_clash = len(x.shape) != len(y.shape) or any(
+            isinstance(p, int) and isinstance(q, int) and p > 0 and q > 0 and p != q for p, q in zip(x.shape, y.shape))
+        if x.dtype != y.dtype or fixed_clash:
+            problems.append(f"input '{name}': {names[0]} {x.dtype} {x.shape_str()}, {names[1]} {y.dtype} {y.shape_str()}")
+    oa, ob = [o.name for o in a.graph.output], [o.name for o in b.graph.output]
+    if set(oa) != set(ob):
+        problems.append(f"outputs: {names[0]} {oa}, {names[1]} {ob}")
+    if problems:
+        raise QwtError(f"the {names[0]} and {names[1]} models do not have the same interface", notes=problems,
+                       fix="compare models with the same input names, types and shapes and the same output names")
 
 
 def _write_report(report, directory: Path | None) -> None:
@@ -242,19 +349,16 @@ def check_cmd(fused, unfused, data, random_data, seed, report_dir, atol, rtol, s
     """Prove FUSED (CWAC folded) computes what UNFUSED (explicit Mul/Add) does.  Exit 0 pass, 1 fail, 2 error."""
     from .checker import CheckReport, check, data_summary, now
 
-    try:
-        samples, used_seed = _check_data(unfused, data, random_data, seed)
-        tol = _tolerances(atol, rtol, statistic, 1e-5)["*"]
-        fm, um = load_model(fused), load_model(unfused)
-        comparisons = check(fm, um, samples, tol, batch_size)
-        report = CheckReport("check", {"fused": str(fused), "unfused": str(unfused)},
-                             data_summary(samples, batch_size, used_seed), comparisons, now())
-        _write_report(report, report_dir)
-        sys.exit(0 if report.passed else 1)
-    except QwtError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        _interrupted()
+    _check_run(data, report_dir, batch_size, [(fused, "fused model"), (unfused, "unfused model")])
+    tol = _tolerances(atol, rtol, statistic, 1e-5)["*"]
+    fm, um = load_model(fused), load_model(unfused)
+    _same_interface(fm, um, ("fused", "unfused"))
+    samples, used_seed = _check_data(unfused, data, random_data, seed)
+    comparisons = check(fm, um, samples, tol, batch_size)
+    report = CheckReport("check", {"fused": str(fused), "unfused": str(unfused)},
+                         data_summary(samples, batch_size, used_seed), comparisons, now())
+    _write_report(report, report_dir)
+    sys.exit(0 if report.passed else 1)
 
 
 @main.command("diff")
@@ -268,24 +372,22 @@ def diff_cmd(reference, candidate, data, random_data, seed, report_dir, atol, rt
     """Numerical diff of two models with the same interface (e.g. float vs int8).  Exit 0 pass, 1 fail, 2 error."""
     from .checker import CheckReport, OutputPart, data_summary, diff, now
 
-    try:
-        samples, used_seed = _check_data(reference, data, random_data, seed)
-        parts = tuple(OutputPart.parse(p) for p in output_part)
-        tols = _tolerances(atol, rtol, statistic, 1e-5)
-        comp = diff(load_model(reference), load_model(candidate), samples, tols, parts, batch_size,
-                    deployed=not simulated)
-        unknown = sorted(set(tols) - {"*"} - set(comp.outputs))
-        if unknown:
-            raise QwtError(f"tolerance for unknown output(s) {', '.join(unknown)}",
-                           notes=[f"outputs and parts: {', '.join(comp.outputs)}"], fix="use one of those names")
-        report = CheckReport("diff", {"reference": str(reference), "candidate": str(candidate)},
-                             data_summary(samples, batch_size, used_seed), [comp], now())
-        _write_report(report, report_dir)
-        sys.exit(0 if report.passed else 1)
-    except QwtError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        _interrupted()
+    _check_run(data, report_dir, batch_size, [(reference, "reference model"), (candidate, "candidate model")])
+    parts = tuple(OutputPart.parse(p) for p in output_part)
+    tols = _tolerances(atol, rtol, statistic, 1e-5)
+    rm, cm = load_model(reference), load_model(candidate)
+    _same_interface(rm, cm, ("reference", "candidate"))
+    samples, used_seed = _check_data(reference, data, random_data, seed)
+    comp = diff(rm, cm, samples, tols, parts, batch_size,
+                deployed=not simulated)
+    unknown = sorted(set(tols) - {"*"} - set(comp.outputs))
+    if unknown:
+        raise QwtError(f"tolerance for unknown output(s) {', '.join(unknown)}",
+                       notes=[f"outputs and parts: {', '.join(comp.outputs)}"], fix="use one of those names")
+    report = CheckReport("diff", {"reference": str(reference), "candidate": str(candidate)},
+                         data_summary(samples, batch_size, used_seed), [comp], now())
+    _write_report(report, report_dir)
+    sys.exit(0 if report.passed else 1)
 
 
 class _Progress:
@@ -341,16 +443,15 @@ def export_cmd(factory, shapes, output, input_names, output_names, opset, static
 
     from .torch_export import export, load_factory
 
-    try:
-        module = load_factory(factory)
-        rng = np.random.default_rng(0)
-        examples = tuple(rng.standard_normal([int(v) for v in _floats(s)]).astype(np.float32) for s in shapes)
-        result = export(module, examples, output, input_names=list(input_names) or None,
-                        output_names=list(output_names) or None, opset=opset, dynamic_batch=not static_batch)
-        click.echo(result.summary())
-    except QwtError as e:
-        _fail(e)
+    module = load_factory(factory)
+    rng = np.random.default_rng(0)
+    examples = tuple(rng.standard_normal(_ints(s, "--shape")).astype(np.float32) for s in shapes)
+    result = export(module, examples, output, input_names=list(input_names) or None,
+                    output_names=list(output_names) or None, opset=opset, dynamic_batch=not static_batch)
+    click.echo(result.summary())
 
 
 if __name__ == "__main__":
-    main()
+    from .entry import main as entry_main
+
+    entry_main()

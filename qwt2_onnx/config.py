@@ -5,6 +5,8 @@ The CLI only parses flags into these dataclasses; the library reads nothing else
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Literal
 
 Target = Literal["ort", "trt"]
@@ -40,10 +42,21 @@ class QuantConfig:
 
         if self.wbits not in (4, 6, 8):
             raise QwtError(f"unsupported weight bit width {self.wbits}", fix="use --wbits 8, 6 or 4")
-        if self.abits not in (4, 6, 8):
-            raise QwtError(f"unsupported activation bit width {self.abits}", fix="use --abits 8, 6 or 4")
+        if self.abits not in (6, 8):  # 4-bit activations: onnxruntime cannot fetch or run them as integers
+            raise QwtError(f"unsupported activation bit width {self.abits}",
+                           notes=["4-bit activations (uint4/int4 QuantizeLinear) have no integer kernel in "
+                                  "onnxruntime and cannot be fetched from it, so they could be neither checked "
+                                  "nor deployed"],
+                           fix="use --abits 8 (or 6, simulated in an 8-bit container); --wbits 4 gives 4-bit weights")
         if self.target not in ("ort", "trt"):
             raise QwtError(f"unknown target '{self.target}'", fix="use --target ort or --target trt")
+        for pattern in self.exclude_names:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise QwtError(f"--exclude {pattern!r} is not a valid regular expression: {e}",
+                                   fix="fix the expression after 're:' (or use a glob such as 'head*')") from None
         if self.act_type is None:
             object.__setattr__(self, "act_type", "s8" if self.target == "trt" else "u8")
         if self.target == "trt" and self.act_type != "s8":
@@ -62,18 +75,43 @@ class QuantConfig:
 
     @property
     def min_opset(self) -> int:
-        return 21 if (self.wbits == 4 or self.abits == 4) else 13
+        return 21 if self.wbits == 4 else 13
+
+
+def _require(ok: bool, what: str, value, fix: str) -> None:
+    """An option's value checked where it is built (CLI and Python API alike): exit 2 naming it."""
+    if not ok:
+        from .errors import QwtError
+
+        raise QwtError(f"{what} {value!r} is out of range", fix=fix)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibConfig:
     method: Method = "percentile"
     percentile: float = 99.99
-    batch_size: int = 8
+    batch_size: int = 8  # a memory knob: results do not depend on it (statistics accumulate per sample)
     max_samples: int | None = None
     # .npz of '<weight>:input_range' / '<weight>:output_range' [lo, hi] pairs that replace calibrated ranges
     # (--act-ranges; e.g. from a calibrated PyTorch model, see range_overrides.py)
     range_overrides: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.method in ("minmax", "percentile", "entropy"), "--calib-method", self.method,
+                 "use minmax, percentile or entropy")
+        _require(_finite(self.percentile) and 50 < self.percentile <= 100, "--percentile", self.percentile,
+                 "pass a percentile in (50, 100], e.g. 99.99: the range keeps that share of each tensor's values")
+        _require(_count(self.batch_size), "--batch-size", self.batch_size, "pass a whole number of samples >= 1")
+        _require(self.max_samples is None or _count(self.max_samples), "--max-samples", self.max_samples,
+                 "pass a whole number of samples >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +153,10 @@ class CwacConfig:
             raise QwtError(f"unknown CWAC target '{self.target}'", fix="use --cwac-target auto, global or local")
         if self.head_fit not in ("spread", "lsq"):
             raise QwtError(f"unknown CWAC head fit '{self.head_fit}'", fix="use --cwac-head-fit spread or lsq")
+        _require(_finite(self.lam) and self.lam >= 0, "--cwac-lambda", self.lam,
+                 "pass a finite shrinkage >= 0 (0: plain least squares)")
+        _require(_finite(self.max_gain) and self.max_gain > 0, "CWAC max_gain", self.max_gain,
+                 "pass a finite bound > 0 on |gain|")
         if self.cache_mib < 0:
             raise QwtError(f"CWAC cache budget {self.cache_mib} MiB is negative",
                            fix="pass 0 (every cached tensor on disk) or a positive number of MiB")
@@ -135,3 +177,10 @@ class CompileConfig:
     # write the model with external data above this serialized size (None: protobuf's 2 GB limit); a model
     # read with external data is always written with external data
     external_data_above: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.external_data_above is None or (isinstance(self.external_data_above, int)
+                                                      and self.external_data_above >= 0),
+                 "--external-data-above", self.external_data_above, "pass a size in bytes >= 0")
+        _require(isinstance(self.holdout_samples, int) and self.holdout_samples >= 0, "holdout_samples",
+                 self.holdout_samples, "pass a whole number of samples >= 0")

@@ -1,8 +1,13 @@
-"""The two kinds of error.
+"""The kinds of error, and the exit codes the CLI gives them (README, "Exit codes"):
 
-``QwtError`` is the user's problem (bad model, bad data, bad option): the CLI
-prints its message and ``Note:`` lines without a traceback and exits 2.
-Anything else is our bug and keeps its traceback.
+* ``QwtError``: the user's problem (bad model, bad data, bad option): the CLI
+  prints its message and ``Note:`` lines without a traceback and exits 2;
+* ``CheckFailed`` (a ``QwtError``): the equivalence check failed: exit 1;
+* ``Interrupted``: SIGINT or SIGTERM arrived: exit 128 + the signal (130, 143);
+* anything else is our bug: exit 3, a line saying so, then the traceback.
+
+This module imports nothing heavy: the command line's entry point uses it
+before numpy, onnx and onnxruntime are loaded.
 """
 from __future__ import annotations
 
@@ -41,3 +46,19 @@ class CheckFailed(QwtError):
     """The equivalence check failed: the CLI exits 1 (not 2), and the report is kept."""
 
     exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (``entry.install_signal_handlers``); unwinds like Ctrl-C, so every
+    ``finally`` and ``with`` block removes its temporary files on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3

@@ -40,8 +40,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return read_model(path)[0]
 
 
-def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
-    """:func:`load_model`, and whether the file keeps any tensor in external data."""
+def read_model(path: str | os.PathLike, repairs: list[str] | None = None) -> tuple[onnx.ModelProto, bool]:
+    """:func:`load_model`, and whether the file keeps any tensor in external data.  Wrong graph-output
+    declarations are repaired (``passes.declared_types``); ``repairs`` collects one line per repair."""
     p = Path(path)
     if not p.exists():
         raise QwtError(f"model file not found: {p}", fix="pass the path of an existing .onnx file")
@@ -61,13 +62,18 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
     if not model.graph.node:
         raise QwtError(f"{p} holds no graph nodes: it is not an ONNX model (or it is empty)",
                        fix="pass a model exported to ONNX")
+    from .passes.declared_types import repair_declared_types
+
+    found = repair_declared_types(model)  # wrong graph-output declarations: repaired before anything trusts them
     try:  # a corrupted file can still parse; onnx's checker says what is wrong with it
-        onnx.checker.check_model(str(p))
+        onnx.checker.check_model(structure(model))
     except Exception as e:  # noqa: BLE001  (ValidationError, or whatever a broken proto makes it raise)
         raise QwtError(f"{p} is not a valid ONNX model",
                        notes=[f"{type(e).__name__}: {str(e).strip()[:300]}"],
                        fix="re-export the model; check it with onnx.checker.check_model") from None
     _check_initializers(model, p)
+    if repairs is not None:
+        repairs.extend(found)
     return model, external
 
 
@@ -104,6 +110,37 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     return parent
 
 
+_WRITTEN: list[Path] = []  # every destination this process has committed, for an honest interrupt message
+
+
+def written_paths() -> list[Path]:
+    """The outputs this process has placed (committed) so far."""
+    return list(_WRITTEN)
+
+
+def private_tempdir(prefix: str, dir: str | os.PathLike | None = None) -> Path:
+    """A new temporary folder ``<prefix><pid>-<random>`` in ``dir`` (default: TMPDIR).  Folders with the same
+    prefix left behind by runs that died without cleaning up (SIGKILL, power loss) — their pid no longer
+    running — are removed first."""
+    parent = Path(dir) if dir is not None else Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for old in parent.glob(prefix + "*"):
+            pid = old.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class AtomicOutputs:
     """Files written as one: each is staged in a hidden temporary folder beside its destination and
     ``commit()`` renames them all into place; leaving the ``with`` block any other way (an error, a full
@@ -120,7 +157,7 @@ class AtomicOutputs:
         out = Path(path)
         parent = check_output_dir(out)
         if parent not in self._dirs:
-            self._dirs[parent] = Path(tempfile.mkdtemp(prefix=".qwt2-staging-", dir=parent))
+            self._dirs[parent] = private_tempdir(".qwt2-staging-", parent)
         return self._dirs[parent] / out.name, out
 
     def model(self, model: onnx.ModelProto, path: str | os.PathLike, *, external: bool = False,
@@ -160,9 +197,29 @@ class AtomicOutputs:
                            fix="free disk space or choose another -o path; nothing was written") from None
 
     def commit(self) -> None:
-        for staged, out in self._staged:
-            with self._errors(out):
+        """Place every staged file, or none: an existing destination is first moved aside into the staging
+        folder, and if any rename fails the files already placed are taken back and the old ones restored."""
+        placed: list[tuple[Path, Path | None]] = []  # (destination, its previous file moved aside, or None)
+        try:
+            for k, (staged, out) in enumerate(self._staged):
+                backup = None
+                if os.path.lexists(out):
+                    backup = staged.with_name(f".previous-{k}-{out.name}")
+                    os.replace(out, backup)
+                placed.append((out, backup))
                 os.replace(staged, out)
+        except BaseException as e:
+            for out, backup in reversed(placed):
+                with contextlib.suppress(OSError):
+                    if backup is not None:
+                        os.replace(backup, out)
+                    elif os.path.lexists(out):
+                        os.remove(out)
+            if isinstance(e, OSError):
+                raise QwtError(f"could not write {out}: {e.strerror or e}", notes=[f"errno {e.errno}"],
+                               fix="free disk space or choose another path; nothing was written") from None
+            raise
+        _WRITTEN.extend(out for _, out in self._staged)
         self._staged.clear()
 
     def __enter__(self) -> "AtomicOutputs":
@@ -197,13 +254,27 @@ def runnable(model: onnx.ModelProto) -> Iterator[bytes | str]:
     if serialized_size(model) <= PROTOBUF_LIMIT:
         yield model.SerializeToString()
         return
-    folder = tempfile.mkdtemp(prefix="qwt2-large-model-")
+    folder = private_tempdir("qwt2-large-model-")
     try:
         path = os.path.join(folder, "model.onnx")
         write_external(model, path)
         yield path
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def structure(model: onnx.ModelProto, inline_below: int = 1024) -> onnx.ModelProto:
+    """:func:`skeleton` plus the initializers: those under ``inline_below`` bytes (shape constants) with their
+    values, larger ones (weights) as typed graph inputs, so shape inference and onnx's checker can read the
+    graph without copying its weights (models over 2 GB included)."""
+    light = skeleton(model)
+    declared = {i.name for i in light.graph.input}
+    for t in model.graph.initializer:
+        if t.ByteSize() < inline_below:
+            light.graph.initializer.append(t)
+        elif t.name not in declared:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -37,7 +37,7 @@ from .errors import CheckFailed, QwtError, StageError
 from .fidelity import FidelityReport, measure_fidelity
 from .graph_io import export_model
 from .inspect_ort import FusionReport, fusion_report
-from .model_io import AtomicOutputs, check_output_dir, read_model
+from .model_io import AtomicOutputs, read_model
 from .passes.fold_batchnorm import FoldBatchNormPass
 from .passes.fold_constant_quantizers import FoldConstantQuantizersPass
 from .passes.insert_qdq import InsertQDQPass
@@ -46,6 +46,7 @@ from .passes.simplify import SimplifyPass
 from .passes.trt_lint import TrtLintPass
 from .policy import QuantPlan, coarse_weight_grids, plan_from_qdq, plan_quantization, quantized_op_types
 from .report import dumps, render_html
+from .run_paths import Access, check_run_paths, data_files, model_files
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,11 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
     seconds: dict[str, float] = {}
     stages: dict[str, dict] = {}
     model_path, output_path = Path(model_path), Path(output_path)
-    if output_path.resolve() == model_path.resolve():
-        raise QwtError("the output path is the input model", notes=[f"path: {model_path}"],
-                       fix="pass a different -o path; the input model is never overwritten")
-    check_output_dir(output_path)
+    check_paths(config, output_path, unfused_path, [(model_path, "input model")], calib)
     with _stage("load", seconds):
-        model, external = read_model(model_path)  # big models keep their weights beside the graph, out as in
+        repairs: list[str] = []
+        model, external = read_model(model_path, repairs)  # big models keep their weights beside the graph, out as in
+        stages["load"] = {"repaired_declarations": repairs}
         _refuse_quantized(model, model_path)
         specs = InputSpec.from_model(model)
         data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
@@ -160,14 +160,11 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
     seconds: dict[str, float] = {}
     stages: dict[str, dict] = {}
     qdq_path, float_path, output_path = Path(qdq_path), Path(float_path), Path(output_path)
-    if output_path.resolve() in (qdq_path.resolve(), float_path.resolve()):
-        raise QwtError("the output path is an input model", notes=[f"path: {output_path}"],
-                       fix="pass a different -o path; input models are never overwritten")
+    check_paths(config, output_path, unfused_path, [(qdq_path, "input model"), (float_path, "float model")], calib)
     if config.calib.range_overrides is not None:
         raise QwtError("activation range overrides have no effect in upgrade mode",
                        notes=["the QDQ model's own activation quantizers are kept as they are"],
                        fix="drop --act-ranges, or compile the float model instead")
-    check_output_dir(output_path)
     with _stage("load", seconds):
         (qmodel, external), fmodel = read_model(qdq_path), read_model(float_path)[0]
         if "DequantizeLinear" not in {n.op_type for n in qmodel.graph.node}:
@@ -247,6 +244,25 @@ def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_
             fidelity = measure_fidelity(float_model, qmodel, eval_part, config.calib.batch_size, held_out,
                                         baseline=plain if cwac and cwac.compensations else None)
     return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds, cwac, plain, report)
+
+
+def check_paths(config: CompileConfig, output_path: Path, unfused_path, models: list[tuple[Path, str]],
+                calib) -> None:
+    """Every path the run will write against every path it reads, before any work (``run_paths``)."""
+    reads = [a for path, role in models for a in model_files(path, role)] + data_files(calib, "calibration data")
+    if config.cwac.params is not None:
+        reads.append(Access(Path(config.cwac.params), "--cwac-params file"))
+    if config.calib.range_overrides is not None:
+        reads.append(Access(Path(config.calib.range_overrides), "--act-ranges file"))
+    writes = [Access(output_path, "output model"),
+              Access(output_path.with_name(output_path.name + ".data"), "output model's external data")]
+    if config.check:
+        writes += [Access(p, f"{kind} report") for p, kind in zip(report_paths(output_path), ("JSON", "HTML"))]
+    if unfused_path is not None:
+        unfused_path = Path(unfused_path)
+        writes += [Access(unfused_path, "unfused model"),
+                   Access(unfused_path.with_name(unfused_path.name + ".data"), "unfused model's external data")]
+    check_run_paths(reads, writes)
 
 
 def _range_overrides(config: CompileConfig, plan: QuantPlan) -> dict:

@@ -116,6 +116,8 @@ def _layer_reason(node: gs.Node, graph_inputs: set[int]) -> str | None:
         return "constant_activation"
     if w.values.dtype.kind != "f":
         return "weight_not_float"
+    if w.values.size == 0:
+        return "zero_size_weight"
     if len(w.outputs) > 1:
         return "shared_weight"
     if pol.bias is not None and len(node.inputs) > pol.bias and node.inputs[pol.bias].name:

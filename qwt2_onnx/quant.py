@@ -63,8 +63,6 @@ def integer_range(dtype) -> tuple[int, int]:
 
 
 def activation_dtype(cfg: QuantConfig):
-    if cfg.abits == 4:
-        return ml_dtypes.uint4 if cfg.act_type == "u8" else ml_dtypes.int4
     return np.uint8 if cfg.act_type == "u8" else np.int8
 
 

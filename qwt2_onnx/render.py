@@ -16,6 +16,8 @@ def render_summary(result) -> str:
         lines.append(f"  left in float (quantized around): {named}{more}")
     if plan.unmatched_patterns:
         lines.append(f"  exclusion patterns that matched nothing: {', '.join(plan.unmatched_patterns)}")
+    for line in result.stages.get("load", {}).get("repaired_declarations", []):
+        lines.append(f"  note: {line}")
     lines += _coarse_grid_lines(result.stages.get("plan", {}).get("coarse_weight_grids"))
     if result.stages.get("simplify", {}).get("onnxsim", "").startswith("skipped"):
         lines.append(f"  note: onnxsim {result.stages['simplify']['onnxsim']}")

@@ -1,6 +1,7 @@
 """onnxruntime sessions and batched execution shared by calibration and checks."""
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
@@ -56,18 +57,32 @@ BATCH_OUTPUT_LIMIT = 64 * 2**20  # bytes of fetched outputs per batch: docs/COMP
 
 def batch_size_within(samples: Iterable[Feed], requested: int, run: Callable[[Feed], Iterable[np.ndarray]],
                       limit: int | None = None) -> int:
-    """The batch size, at most ``requested``, whose fetched outputs stay within ``limit`` bytes
-    (``BATCH_OUTPUT_LIMIT``), measured by running ``run`` on the first sample of ``samples``
-    (re-iterable: a :class:`CalibrationSet` or a list).
+    """The batch size, at most ``requested``, that the model accepts and whose fetched outputs stay within
+    ``limit`` bytes (``BATCH_OUTPUT_LIMIT``), measured by running ``run`` on the first two samples of
+    ``samples`` (re-iterable: a :class:`CalibrationSet` or a list) as one batch.
+
+    Every stage that batches samples sizes its batches here, so a model that cannot take a batch — a batch
+    dimension fixed at 1 in its inputs (the most common export) or inside the graph (a Reshape to
+    [1, ...]) — runs one sample at a time everywhere, whatever ``--batch-size`` says.
 
     Calibration and the checks fetch every intermediate tensor: on ppocr_det (512x512 inputs, 123 MiB
     of them per sample) a batch of 8 raised the process's memory by 3.2 GB during calibration and was
     no faster than one sample at a time (onnxruntime's own buffers grow with the batch too)."""
     limit = BATCH_OUTPUT_LIMIT if limit is None else limit
-    first = next(iter(samples), None) if requested > 1 else None
-    if first is None:
+    if requested <= 1:
         return max(1, requested)
-    per_sample = sum(o.nbytes for o in run(first))
+    first = list(itertools.islice(iter(samples), 2))
+    if not first:
+        return requested
+    pair = next(batches(first, 2))
+    try:
+        per_sample = sum(o.nbytes for o in run(pair[0])) / pair[1]
+    except Exception as e:  # noqa: BLE001  (onnxruntime: "Got invalid dimensions for input", or a kernel's shape error)
+        if pair[1] == 1:
+            raise
+        logger.info("the model does not run on a batch of 2 samples (%s); running one sample at a time",
+                    str(e).splitlines()[0][:200])
+        return 1
     return max(1, min(requested, int(limit // max(per_sample, 1))))
 
 

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
+
+from .model_io import private_tempdir
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
@@ -120,7 +121,7 @@ class TensorCache:
     that ``close()`` removes."""
 
     def __init__(self, memory_budget: int = 64 * 2**20) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="qwt2_segments_"))
+        self.root = private_tempdir("qwt2_segments_")
         self._ids: dict[str, int] = {}
         self.dtypes: dict[str, np.dtype] = {}
         self.budget = memory_budget

@@ -257,7 +257,7 @@ def test_bad_calibration_data(workdir, monkeypatch, arrays, message):
 def test_output_is_input(workdir):
     model = _save(conv_net(), workdir / "net.onnx")
     compile_fails_cleanly(workdir, model, "--calib", calib_npz(workdir / "c.npz"), "-o", model,
-                          message="output path is the input model")
+                          message="would overwrite the input model")
 
 
 def test_output_directory_missing(workdir):

@@ -1,4 +1,5 @@
-"""Batch sizing: the first sample's fetched outputs decide how many samples a batch may hold."""
+"""Batch sizing: the first two samples, run as one batch, decide whether the model takes batches and how
+many samples a batch may hold."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ def _samples(n, shape=(1, 4)):
 
 
 def test_batch_size_keeps_one_batch_of_outputs_within_the_limit():
-    run = lambda feed: [np.zeros(250, np.float32), np.zeros(250, np.float32)]  # noqa: E731 - 2000 bytes a sample
+    run = lambda feed: [np.zeros((len(feed["x"]), 250), np.float32)] * 2  # noqa: E731 - 2000 bytes a sample
     samples = _samples(10)
     assert batch_size_within(samples, 8, run, limit=3 * 2000) == 3
     assert batch_size_within(samples, 8, run, limit=10**9) == 8  # never above the requested size
@@ -24,6 +25,14 @@ def test_no_probe_run_when_one_sample_is_asked_for_or_there_is_no_sample():
         raise AssertionError("should not run")
     assert batch_size_within(_samples(3), 1, run) == 1
     assert batch_size_within([], 8, run) == 8
+
+
+def test_a_model_that_rejects_a_batch_runs_one_sample_at_a_time():
+    def run(feed):  # what onnxruntime does with an input whose batch dimension is fixed at 1
+        if len(feed["x"]) != 1:
+            raise RuntimeError("Got invalid dimensions for input: x for the following indices index: 0 Got: 2 Expected: 1")
+        return [np.zeros((1, 4), np.float32)]
+    assert batch_size_within(_samples(5), 8, run) == 1
 
 
 def test_batches_keep_their_size_and_split_on_shape_changes():

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
 from onnx import helper
 
 from ..errors import QwtError
 from . import PassResult
+from .float32 import Float32Pass
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     if attr is None:
         return None
     name = node.output[0]
+    if attr.name == "sparse_value":
+        t = _dense(attr.sparse_tensor)
+        t.name = name
+        return t
     if attr.name == "value":
         t = onnx.TensorProto()
         t.CopyFrom(attr.t)
@@ -52,11 +58,27 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
+def _dense(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
+    """A sparse tensor's dense equivalent (same name, type and values)."""
+    values = onnx.numpy_helper.to_array(sparse.values)
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dims = tuple(sparse.dims)
+    dense = np.zeros(dims, dtype=values.dtype)
+    if indices.ndim == 2:  # [NNZ, rank] coordinates
+        indices = np.ravel_multi_index(tuple(indices.T), dims) if indices.size else indices.reshape(-1)
+    dense.reshape(-1)[indices] = values
+    return onnx.numpy_helper.from_array(dense, sparse.values.name)
+
+
 def constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Move the main graph's ``Constant`` nodes (not graph outputs) into initializers, in place; returns
-    how many moved (the function the graph computes is unchanged)."""
+    """Move the main graph's ``Constant`` nodes (not graph outputs) and sparse initializers into dense
+    initializers, in place; returns how many moved (the function the graph computes is unchanged)."""
     graph_outputs = {o.name for o in model.graph.output}
     keep, moved = [], 0
+    for sparse in model.graph.sparse_initializer:
+        model.graph.initializer.append(_dense(sparse))
+        moved += 1
+    model.graph.ClearField("sparse_initializer")
     for node in model.graph.node:
         tensor = None
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in graph_outputs:
@@ -72,6 +94,38 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
+def broadcast_gemm_biases(model: onnx.ModelProto) -> int:
+    """Give every Gemm whose constant bias C broadcasts along the output channels (shape [1], [], [1, N])
+    a bias of shape [N], in place, so the bias can carry one value per channel (CWAC folds into it);
+    returns how many.  The values the Gemm adds are unchanged."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits or node.input[1] not in inits:
+            continue
+        c, w = inits[node.input[2]], inits[node.input[1]]
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        if len(w.dims) != 2 or (len(c.dims) == 1 and c.dims[0] == w.dims[0 if trans_b else 1]):
+            continue
+        n = int(w.dims[0 if trans_b else 1])
+        values = onnx.numpy_helper.to_array(c)
+        if values.size not in (1, n) or (values.ndim == 2 and values.shape[0] != 1) or values.ndim > 2:
+            continue  # a bias per row (batch) is not a per-channel bias: the policy leaves such a Gemm float
+        name = c.name if readers.get(c.name, 0) == 1 else f"{c.name}_{node.name}_per_channel"
+        new = onnx.numpy_helper.from_array(np.broadcast_to(values.reshape(-1), (n,)).copy(), name)
+        if name == c.name:
+            c.CopyFrom(new)
+        else:
+            model.graph.initializer.append(new)
+            node.input[2] = name
+        changed += 1
+    return changed
+
+
 class NormalizePass:
     def __init__(self, min_opset: int = 13):
         self.min_opset = min_opset
@@ -79,7 +133,11 @@ class NormalizePass:
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         stats = {"renamed_nodes": self._name_nodes(model),
                  "constants_to_initializers": constants_to_initializers(model),
-                 "initializer_inputs_removed": self._drop_initializer_inputs(model)}
+                 "initializer_inputs_removed": self._drop_initializer_inputs(model),
+                 "gemm_biases_broadcast": broadcast_gemm_biases(model)}
+        float32 = Float32Pass()(model).stats
+        if float32:
+            stats["float32_inside"] = float32
         stats["opset"] = self._upgrade_opset(model)
         model = self._infer_shapes(model, stats)
         modified = any(v for k, v in stats.items() if k not in ("opset", "shape_inference"))
@@ -143,17 +201,11 @@ class NormalizePass:
         """Shapes inferred on the model's structure: initializers of 1 KiB or more (weights) enter as typed
         graph inputs, so the weights are never copied (and models over 2 GB work); small ones (shape
         constants) keep their values for data propagation.  The inferred value_info goes back into ``model``."""
-        from ..model_io import skeleton
+        from ..model_io import structure
 
-        structure = skeleton(model)
-        declared = {i.name for i in structure.graph.input}
-        for t in model.graph.initializer:
-            if t.ByteSize() < 1024:
-                structure.graph.initializer.append(t)
-            elif t.name not in declared:
-                structure.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        probe = structure(model)
         try:
-            inferred = onnx.shape_inference.infer_shapes(structure, strict_mode=False, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
             del model.graph.value_info[:]
             model.graph.value_info.extend(inferred.graph.value_info)
             stats["shape_inference"] = "ok"

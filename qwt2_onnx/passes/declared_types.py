@@ -1,0 +1,86 @@
+"""Repair what a model *declares* about its tensors before anything trusts it.
+
+Shipped models often declare graph-output types that are wrong or incomplete: a
+rank-0 output that really is rank 3, a type with no shape at all, a fixed size
+that is really dynamic, stale ``value_info`` left behind by an exporter's
+optimizer.  onnxruntime only warns about them, but onnx's full check (the last
+stage, on the compiled model) rejects them, and onnxruntime fails once an
+inserted node writes such an output.  So at load, before calibration:
+
+* ``value_info`` is dropped: it is a cache of inferred shapes, and normalize
+  infers it again from the graph itself;
+* each graph output's declared type is compared with the type onnx infers from
+  the graph (the outputs' own declarations removed first, so they cannot steer
+  it).  A declaration is kept when it agrees: same element type, same rank, and
+  no dimension where both sides are numbers that differ.  Otherwise — or where
+  the declaration has no shape, or declares a number where the graph computes a
+  symbolic dimension — the inferred type replaces it, and the repair is
+  reported.  Where inference knows nothing about an output the declaration is
+  left as it is (onnx's checker then judges it at load).
+
+The graph the model computes is unchanged; only declarations are rewritten.
+"""
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+logger = logging.getLogger(__name__)
+
+
+def _dims(tt: onnx.TypeProto.Tensor) -> list[int | str | None] | None:
+    if not tt.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+
+
+def _disagree(declared: onnx.TypeProto.Tensor, inferred: onnx.TypeProto.Tensor) -> str | None:
+    """Why the declared tensor type cannot stand beside the inferred one (None: it can)."""
+    if inferred.elem_type and declared.elem_type != inferred.elem_type:
+        return f"element type {declared.elem_type} but the graph computes {inferred.elem_type}"
+    d, i = _dims(declared), _dims(inferred)
+    if i is None:
+        return None
+    if d is None:
+        return "no shape"
+    if len(d) != len(i):
+        return f"rank {len(d)} but the graph computes rank {len(i)}"
+    for axis, (a, b) in enumerate(zip(d, i)):
+        if isinstance(a, int) and isinstance(b, int) and a != b:
+            return f"dimension {axis} = {a} but the graph computes {b}"
+        if isinstance(a, int) and isinstance(b, str):
+            return f"dimension {axis} fixed at {a} but the graph computes a dynamic '{b}'"
+    return None
+
+
+def repair_declared_types(model: onnx.ModelProto) -> list[str]:
+    """Repair ``model``'s graph-output declarations in place (see module doc); one line per repair."""
+    from ..model_io import structure
+
+    repairs = []
+    if model.graph.value_info:
+        del model.graph.value_info[:]
+    probe = structure(model)
+    for out in probe.graph.output:  # the declarations must not steer the inference that judges them
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
+    except Exception as e:  # noqa: BLE001  (inference is a help; the checker judges the model next)
+        logger.info("output types not checked: shape inference failed: %s", str(e)[:200])
+        return repairs
+    found = {vi.name: vi.type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+    for out in model.graph.output:
+        itype = found.get(out.name)
+        if not out.type.HasField("tensor_type") or itype is None or not itype.HasField("tensor_type"):
+            continue
+        why = _disagree(out.type.tensor_type, itype.tensor_type)
+        if why is None:
+            continue
+        elem = itype.tensor_type.elem_type or out.type.tensor_type.elem_type
+        out.type.CopyFrom(itype)
+        out.type.tensor_type.elem_type = elem
+        repairs.append(f"graph output '{out.name}' was declared with {why}: declaration repaired")
+        logger.info(repairs[-1])
+    return repairs
