@@ -119,9 +119,22 @@ class CalibrationSet:
     def validate(self) -> int:
         """Read every sample once (names, ranks, shapes, dtypes, NaN/Inf) before any heavy work; the count.
         Only the sample being checked is in memory."""
-        count = sum(1 for _ in self)
+        count, nonzero = 0, set()
+        for feed in self:
+            count += 1
+            nonzero.update(k for k, v in feed.items() if np.any(v))
         self.length = count
+        self.all_zero = [s.name for s in self.specs if s.name not in nonzero]
         return count
+
+    def warnings(self) -> list[str]:
+        """What is valid but almost certainly wrong about the data (after :meth:`validate`)."""
+        floats = [s.name for s in self.specs if np.issubdtype(s.dtype, np.floating)]
+        zero = [n for n in floats if n in getattr(self, "all_zero", [])]
+        if floats and len(zero) == len(floats):
+            return [f"every calibration sample of {', '.join(repr(n) for n in zero)} is all zeros: the ranges "
+                    "calibrated on it are meaningless and the compiled model will be too; pass real data"]
+        return []
 
     def take(self, start: int, stop: int | None) -> "CalibrationSet":
         """The samples [start, stop) of this set (a lazy view)."""
@@ -155,7 +168,7 @@ def check_sample(feed: Feed, specs: list[InputSpec], index: int, where: str) -> 
     return out
 
 
-def _check_array(a: np.ndarray, spec: InputSpec, index: int, where: str) -> None:
+def _check_array(a: np.ndarray, spec: InputSpec, index: int, where: str, values: bool = True) -> None:
     if a.dtype != spec.dtype:
         raise QwtError(f"calibration input '{spec.name}' has dtype {a.dtype}, the model expects {spec.dtype}",
                        notes=[f"sample {index} of {where}"], fix=f"convert the data with .astype(np.{spec.dtype})")
@@ -168,56 +181,141 @@ def _check_array(a: np.ndarray, spec: InputSpec, index: int, where: str) -> None
             raise QwtError(f"calibration input '{spec.name}' has shape {list(a.shape)}, the model expects {spec.shape_str()}",
                            notes=[f"sample {index} of {where}", f"axis {axis}: expected {want}, got {got}"],
                            fix="resize the calibration data to the model's input shape")
-    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+    if values and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
         bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
         raise QwtError(f"calibration input '{spec.name}' sample {index} holds {bad} NaN/Inf values",
                        notes=[f"source: {where}"], fix="clean the calibration data (NaN/Inf ranges cannot be quantized)")
 
 
-def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of each array in an .npz, read from the headers only."""
+MAX_SAMPLE_BYTES = 2**30  # what one calibration sample may allocate, all inputs together (1 GiB)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    """An ``.npy`` array's header, read and checked before any of its data is."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    data_bytes: int  # what the file really holds after the header
+
+
+def _read_npy_header(f, stored_bytes: int, where: str) -> _Header:
+    """The header of the ``.npy`` stream ``f`` (``stored_bytes`` long in all), refused when it lies: a
+    non-integer or negative dimension, an object dtype (never unpickled), or a declared size the stored
+    bytes do not hold (a 6 MB file claiming a 3 GB sample is refused before anything is read)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f, max_header_size=10000) if "max_header_size" in \
+            read.__code__.co_varnames else read(f)
+    except (ValueError, OSError, SyntaxError, EOFError) as e:
+        raise QwtError(f"cannot read the array header of {where}", notes=[f"{type(e).__name__}: {str(e)[:200]}"],
+                       fix="write the data with numpy.save / numpy.savez") from None
+    if dtype.hasobject:
+        raise QwtError(f"{where} holds Python objects (dtype {dtype}), which are never unpickled",
+                       fix="save plain numeric arrays with numpy.save / numpy.savez")
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise QwtError(f"{where} declares an invalid shape {shape}", fix="re-save the array with numpy")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    header = f.tell()
+    if declared != stored_bytes - header:
+        raise QwtError(f"{where} declares shape {list(shape)} of {dtype} ({declared} bytes) but holds "
+                       f"{stored_bytes - header} bytes of data", fix="the file is truncated or corrupted: re-save it")
+    return _Header(tuple(shape), dtype, fortran, declared)
+
+
+def _check_headers(headers: dict[str, _Header], specs: list[InputSpec], where: str, first_axis_counts: bool) -> None:
+    """Each array's header against the model's input specs, before its data is read: dtype, rank, fixed
+    dimensions, and how much one sample would allocate (``MAX_SAMPLE_BYTES``)."""
+    by_name = {s.name: s for s in specs}
+    total = 0
+    for key, h in headers.items():
+        spec = by_name.get(key)
+        sample_shape = ((1,) + h.shape[1:]) if first_axis_counts and h.shape else h.shape
+        if spec is not None:
+            dummy = np.lib.stride_tricks.as_strided(np.zeros(1, h.dtype), shape=sample_shape,
+                                                   strides=(0,) * len(sample_shape))
+            _check_array(dummy, spec, 0, where, values=False)
+        total += int(np.prod(sample_shape, dtype=object)) * h.dtype.itemsize
+    if total > MAX_SAMPLE_BYTES:
+        raise QwtError(f"one calibration sample of {where} would take {total / 2**20:.0f} MiB",
+                       notes=[f"limit: {MAX_SAMPLE_BYTES / 2**20:.0f} MiB per sample", *(
+                           f"'{k}': {list(h.shape)} {h.dtype}" for k, h in headers.items())],
+                       fix="check the arrays' shapes: for .npz data the first axis counts samples")
+
+
+def _regular_file(path: Path, what: str) -> None:
+    """Calibration data is read from regular files only: a FIFO or a link to /dev/zero would hang the run."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise QwtError(f"cannot read {what} {path}: {e.strerror}", fix="pass a readable file") from None
+    if not stat.S_ISREG(mode):
+        raise QwtError(f"{what} {path} is not a regular file (a FIFO, a device or a socket)",
+                       fix="pass a regular .npz/.npy file or a folder of them")
+
+
+def _npz_members(path: Path, specs: list[InputSpec] | None = None) -> dict[str, _Header]:
+    """Each array's header in an .npz, checked (``_read_npy_header``, ``_check_headers``), data unread."""
+    _regular_file(path, "calibration file")
     try:
         with zipfile.ZipFile(path) as zf:
             out = {}
-            for member in zf.namelist():
-                if member.endswith(".npy"):
-                    with zf.open(member) as f:
-                        out[member[:-4]] = _read_npy_header(f)[:2]
-            return out
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
+            for info in zf.infolist():
+                if info.filename.endswith(".npy"):
+                    with zf.open(info) as f:
+                        out[info.filename[:-4]] = _read_npy_header(f, info.file_size,
+                                                                   f"array '{info.filename[:-4]}' in {path}")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, NotImplementedError) as e:
         raise QwtError(f"cannot read calibration file {path}", notes=[f"{type(e).__name__}: {e}"],
                        fix="pass an .npz written by numpy.savez") from None
+    if specs is not None:
+        _check_headers(out, specs, str(path), first_axis_counts=True)
+    return out
 
 
-def _read_npy_header(f) -> tuple[tuple[int, ...], np.dtype, bool]:
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f)
-    return tuple(shape), dtype, fortran
-
-
-def _npz_samples(path: Path) -> Iterator[Feed]:
+def _npz_samples(path: Path, specs: list[InputSpec]) -> Iterator[Feed]:
     """Stream an .npz one sample at a time: memory stays at one sample per input."""
-    members = _npz_members(path)
-    counts = {k: (shape[0] if shape else 0) for k, (shape, _) in members.items()}
+    members = _npz_members(path, specs)
+    counts = {k: (h.shape[0] if h.shape else 0) for k, h in members.items()}
     if len(set(counts.values())) > 1:
         raise QwtError(f"arrays in {path} have different sample counts", notes=[f"{counts}"],
                        fix="every array's first axis must count the same samples")
     with zipfile.ZipFile(path) as zf:
         streams = {}
-        for key in members:
-            f = zf.open(key + ".npy")
-            shape, dtype, fortran = _read_npy_header(f)
-            if dtype.hasobject or (fortran and len(shape) > 1):
-                raise QwtError(f"array '{key}' in {path} is stored as {'objects' if dtype.hasobject else 'Fortran order'}",
+        for key, h in members.items():
+            if h.fortran and len(h.shape) > 1:
+                raise QwtError(f"array '{key}' in {path} is stored in Fortran order",
                                fix="save plain C-ordered numeric arrays with numpy.savez")
-            streams[key] = (f, (1,) + shape[1:], dtype)
+            info = zf.getinfo(key + ".npy")
+            f = zf.open(info)
+            _read_npy_header(f, info.file_size, f"array '{key}' in {path}")
+            streams[key] = (f, (1,) + h.shape[1:], h.dtype)
         for _ in range(next(iter(counts.values()), 0)):
             feed = {}
             for key, (f, shape, dtype) in streams.items():
                 nbytes = int(np.prod(shape)) * dtype.itemsize
-                feed[key] = np.frombuffer(f.read(nbytes), dtype=dtype).reshape(shape)
+                chunk = f.read(nbytes)
+                if len(chunk) != nbytes:
+                    raise QwtError(f"array '{key}' in {path} ends early", fix="the file is truncated: re-save it")
+                feed[key] = np.frombuffer(chunk, dtype=dtype).reshape(shape)
             yield feed
+
+
+def _npy_array(path: Path, specs: list[InputSpec]) -> np.ndarray:
+    """An ``.npy`` file's array, its header checked first (one sample, or several along axis 0)."""
+    _regular_file(path, "calibration file")
+    with open(path, "rb") as f:
+        h = _read_npy_header(f, path.stat().st_size, str(path))
+    spec = specs[0]
+    per_sample = len(spec.shape) > 0 and len(h.shape) == len(spec.shape) - 1
+    _check_headers({spec.name: dataclasses.replace(h, shape=((1,) + h.shape) if per_sample else h.shape)},
+                   specs, str(path), first_axis_counts=True)
+    a = np.load(path, allow_pickle=False)
+    return a[None] if per_sample else a
 
 
 def _folder_samples(folder: Path, specs: list[InputSpec], pre: ImagePreprocess | None) -> Iterator[Feed]:
@@ -232,14 +330,12 @@ def _folder_samples(folder: Path, specs: list[InputSpec], pre: ImagePreprocess |
                        fix="pass --image-size H,W (and --mean/--std/--scale/--layout as the model needs)")
     for p in arrays:
         if p.suffix.lower() == ".npz":
-            yield from _npz_samples(p)
+            yield from _npz_samples(p, specs)
             continue
         if len(specs) != 1:
             raise QwtError(f".npy calibration files need a single-input model; this one has {len(specs)} inputs",
                            notes=[f"file: {p.name}"], fix="store samples as .npz files with one array per input name")
-        a = np.load(p, allow_pickle=False)
-        if len(specs[0].shape) and a.ndim == len(specs[0].shape) - 1:
-            a = a[None]
+        a = _npy_array(p, specs)
         for i in range(a.shape[0]):
             yield {specs[0].name: a[i:i + 1]}
 
@@ -248,20 +344,50 @@ def _image_samples(paths: list[Path], specs: list[InputSpec], pre: ImagePreproce
     try:
         from PIL import Image
     except ImportError:
-        raise QwtError("reading image folders needs Pillow", fix="pip install 'qwt2-onnx[images]'") from None
+        raise QwtError("reading image folders needs Pillow", fix="pip install 'qwt2-onnx[images]' (or pillow)") from None
     if len(specs) != 1:
         raise QwtError("image folders need a single-input model", notes=[f"model inputs: {[s.name for s in specs]}"],
                        fix="store samples as .npz files with one array per input name")
     h, w = pre.size
     for p in paths:
-        img = Image.open(p).convert("RGB").resize((w, h), Image.BILINEAR)
-        x = np.asarray(img, dtype=np.float32)
+        x = _read_image(p, (w, h))
         if pre.channel_order.upper() == "BGR":
             x = x[..., ::-1]
         x = (x * pre.scale - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
         if pre.layout.upper() == "NCHW":
             x = x.transpose(2, 0, 1)
         yield {specs[0].name: np.ascontiguousarray(x[None], dtype=specs[0].dtype)}
+
+
+def _read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """An image as float32 RGB [H, W, 3] on the 0-255 scale whatever its bit depth (a 16-bit PNG is scaled
+    by 255/65535, not clipped to 255), resized to ``size`` (W, H).  A file Pillow cannot decode, a
+    truncated one or a decompression bomb is a QwtError naming the file."""
+    import warnings
+
+    from PIL import Image
+
+    _regular_file(path, "image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                mode = img.mode
+                if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                    gray = np.asarray(img, dtype=np.float32)
+                    if mode != "F" and (mode != "I" or gray.max(initial=0) > 255):
+                        gray = gray * (255.0 / 65535.0)  # 16-bit samples
+                    plane = Image.fromarray(gray.astype(np.float32), mode="F").resize(size, Image.BILINEAR)
+                    return np.repeat(np.asarray(plane, np.float32)[..., None], 3, axis=2)
+                rgb = img.convert("RGB").resize(size, Image.BILINEAR)
+                return np.asarray(rgb, dtype=np.float32)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise QwtError(f"image {path} is too large to decode safely (a decompression bomb?)",
+                       notes=[str(e)[:200]], fix="remove it from the calibration folder or resize it") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
+        raise QwtError(f"cannot read image {path}", notes=[f"{type(e).__name__}: {str(e)[:200]}"],
+                       fix="remove or replace the corrupt or truncated file") from None
 
 
 def open_calibration(source: str | Path | Iterable[Feed] | Callable[[], Iterable[Feed]],
@@ -271,14 +397,16 @@ def open_calibration(source: str | Path | Iterable[Feed] | Callable[[], Iterable
         path = Path(source)
         if not path.exists():
             raise QwtError(f"calibration data not found: {path}", fix="pass an existing .npz file or folder to --calib")
+        if not path.is_dir():
+            _regular_file(path, "calibration file")
         if path.is_dir():
             return CalibrationSet(lambda: _folder_samples(path, specs, image_preprocess), specs, str(path))
         if path.suffix.lower() != ".npz":
             raise QwtError(f"unsupported calibration file {path.name}",
                            fix="pass an .npz (one array per input), or a folder of .npy/.npz/images")
-        shapes = [shape for shape, _ in _npz_members(path).values()]
+        shapes = [h.shape for h in _npz_members(path, specs).values()]
         n = shapes[0][0] if shapes and shapes[0] else 0
-        return CalibrationSet(lambda: _npz_samples(path), specs, str(path), n)
+        return CalibrationSet(lambda: _npz_samples(path, specs), specs, str(path), n)
     if callable(source):
         return CalibrationSet(lambda: iter(source()), specs, "python reader")
     samples = list(source)  # a one-shot iterator must be kept to be read more than once

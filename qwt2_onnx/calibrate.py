@@ -15,7 +15,7 @@ from .calib_data import CalibrationSet
 from .config import CalibConfig
 from .errors import QwtError
 from .observers import ActivationRange, make_observer
-from .runtime import BatchRunner, make_session, with_outputs
+from .runtime import BatchRunner, make_session, per_sample, with_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], data: Calibration
     try:
         for (outputs,), n in BatchRunner(session, cfg.batch_size).run(samples, tensors):
             for name, value in outputs.items():
-                observers[name].update(value)
+                for chunk in per_sample(value, n):  # sample by sample: the same ranges whatever the batch size
+                    observers[name].update(chunk)
             seen += n
             if progress:
                 progress(n, samples.length)

@@ -52,7 +52,7 @@ from .graph_io import export_model
 from .passes.fold_compensation import weight_shape
 from .passes.insert_compensation import InsertCompensationPass, compensation_point
 from .policy import QuantPlan
-from .runtime import batch_size_within, batches, make_session, with_outputs
+from .runtime import batch_size_within, batches, make_session, per_sample, with_outputs
 from .segments import SegmentPlan, TensorCache
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class CwacFit:
     decisions: dict[str, float] = dataclasses.field(default_factory=dict)  # candidate -> share of held-out
     # Softmax positions whose argmax is float's (absent without a Softmax output)
     vetoed: list[str] = dataclasses.field(default_factory=list)  # candidates the decision veto removed
+    rejected_by_gate: bool = False  # --cwac-params: the output gate would not have kept them (folded as asked)
 
     def held_out_samples(self) -> dict | None:
         """How each candidate did sample by sample against no compensation: the held-out samples whose
@@ -258,6 +259,7 @@ class _StagedFit:
         self.fpoints = {name: float_point(nodes[name], fnodes) for name in self.layers}
         self.axes = {lp.node: _axis(lp.op) for lp in plan.layers}
         self.masks: dict[int, np.ndarray] = {}  # batch -> cfg.position_mask's value
+        self.batch_samples: dict[int, int] = {}  # batch -> how many samples it holds
         self.masked: set[str] = set()  # layers whose statistics counted real positions only
         self.heads = (score_head_layers(float_model, self.fpoints, next(batches(parts.fit, parts.batch_size))[0])
                       if cfg.head_fit == "spread" else set())
@@ -302,7 +304,8 @@ class _StagedFit:
     def _seed_caches(self, qcache: TensorCache, fcache: TensorCache) -> int:
         b = 0
         for part in (self.parts.fit, self.parts.hold):
-            for feed, _ in batches(part, self.parts.batch_size):
+            for feed, n in batches(part, self.parts.batch_size):
+                self.batch_samples[b] = n
                 if self.cfg.position_mask:
                     self.masks[b] = feed[self.cfg.position_mask]
                 for name, value in feed.items():
@@ -339,19 +342,27 @@ class _StagedFit:
                 for name in names:
                     if self.fpoints[name] in f_plan.last_use:
                         fcache.put(b, self.fpoints[name], fout[self.fpoints[name]])
+            n, mask = self.batch_samples[b], self.masks.get(b)
             for name in names:
                 q = qout[self.raw[name]]
                 f = qout[self.twins[name]] if self.target == "local" else fout[self.fpoints[name]]
-                axis, (qr, fr) = real_positions(self.masks.get(b), self.axes[name], q, f)
-                if qr is not q:
-                    self.masked.add(name)
                 key = ("fit" if b < n_fit else "hold", name)
-                if key not in sums:
-                    sums[key] = ChannelSums(qr.shape[axis], axis)
-                sums[key].update(qr, fr)
-                if name in head_err and b >= n_fit:
-                    head_err[name][0] += sigmoid_sq_error(qr, fr, axis)
-                    head_err[name][1] += sigmoid_sq_error(qr, fr, axis, *maps[name][:2])
+                # sample by sample, in order: the same sums whatever the batch size (runtime.per_sample)
+                qs, fs, ms = per_sample(q, n), per_sample(f, n), [mask]
+                if len(qs) == len(fs) == n:
+                    ms = per_sample(mask, n) if mask is not None else [None] * n
+                else:
+                    qs, fs = [q], [f]
+                for qi, fi, mi in zip(qs, fs, ms):
+                    axis, (qr, fr) = real_positions(mi, self.axes[name], qi, fi)
+                    if qr is not qi:
+                        self.masked.add(name)
+                    if key not in sums:
+                        sums[key] = ChannelSums(qr.shape[axis], axis)
+                    sums[key].update(qr, fr)
+                    if name in head_err and b >= n_fit:
+                        head_err[name][0] += sigmoid_sq_error(qr, fr, axis)
+                        head_err[name][1] += sigmoid_sq_error(qr, fr, axis, *maps[name][:2])
                 if self.raw[name] in q_plan.last_use:
                     qcache.put(b, self.raw[name], q)
         return maps, {name: sums[("hold", name)] for name in names}, head_err
@@ -442,6 +453,26 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     return CwacFit(comps, best, fits, scores, max((f.stage for f in fits), default=0), time.perf_counter() - t0,
                    per_sample=per_sample if len(per_sample) == len(scored) else {}, decisions=decisions,
                    vetoed=vetoed)
+
+
+def gate_given(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, comps: dict[str, Compensation],
+               data: CalibrationSet, cfg: CwacConfig = CwacConfig(), batch_size: int = 8) -> CwacFit:
+    """Compensation fitted elsewhere (``--cwac-params``) measured by the same output gate as a fitted one,
+    on the held-out part of the calibration set.  It is folded as asked — the user gave it explicitly —
+    but the record carries both held-out errors and decision agreements, and ``gate_choice``'s verdict
+    (``rejected_by_gate``), which the compile summary prints as a warning: a zero or absurd gain no
+    longer passes silently."""
+    t0 = time.perf_counter()
+    parts = _Parts.split(data, cfg, batch_size)
+    parts.batch_size = batch_size_within(parts.hold, batch_size, lambda f: make_session(float_model).run(None, f))
+    scored = {"none": output_errors(float_model, qmodel, parts.hold, parts.batch_size, cfg.position_mask)}
+    if comps:
+        scored["params"] = output_errors(float_model, _unfused(qmodel, comps), parts.hold, parts.batch_size,
+                                         cfg.position_mask)
+    best, vetoed = gate_choice(scored)
+    decisions = {t: e.decisions for t, e in scored.items() if e.decisions is not None}
+    return CwacFit(comps, "params", [], {t: e.total for t, e in scored.items()}, 0, time.perf_counter() - t0,
+                   decisions=decisions, vetoed=vetoed, rejected_by_gate=bool(comps) and best != "params")
 
 
 def gate_choice(scored: dict[str, OutputError]) -> tuple[str, list[str]]:

@@ -30,7 +30,7 @@ from .checker import (
 )
 from .config import CompileConfig
 from .cwac import build_graphs, constrain_full_range, load_cwac_params
-from .cwac_fit import CwacFit, check_position_mask, fit_compensations, layer_report
+from .cwac_fit import CwacFit, check_position_mask, fit_compensations, gate_given, layer_report
 from .diffstats import Tolerance
 from .equivalence import check_fold
 from .errors import CheckFailed, QwtError, StageError
@@ -50,6 +50,7 @@ from .run_paths import Access, check_run_paths, data_files, model_files
 
 logger = logging.getLogger(__name__)
 
+MIN_CWAC_SAMPLES = 4  # fewer cannot be split into a fit part and a held-out part (cwac_fit._Parts)
 FOLD_TOLERANCE = 1e-5  # fused vs unfused, same activation codes, max relative difference at any output
 
 
@@ -117,6 +118,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
         data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
         data.validate()  # every sample: names, shapes, dtypes, NaN/Inf, before any heavy work
         check_position_mask(config.cwac, specs, data)
+        stages["load"]["warnings"] = data.warnings()
     with _stage("normalize", seconds):
         result = NormalizePass(qcfg.min_opset)(model)
         del model  # each stage's input is dropped once used: big models are held in memory a few times only
@@ -218,6 +220,12 @@ def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_
     layers onnxruntime runs in float (upgrade mode; see ``FoldCompensationPass``)."""
     qcfg = config.quant
     cwac, unfused, fused, fold = None, plain, plain, None
+    fit_samples = calib_part.length if calib_part.length is not None else sum(1 for _ in calib_part)
+    if config.cwac.enabled and config.cwac.params is None and fit_samples < MIN_CWAC_SAMPLES:
+        stages.setdefault("load", {}).setdefault("warnings", []).append(
+            f"CWAC not fitted: {fit_samples} calibration samples cannot be split into a fit part and a held-out "
+            f"part that judges it (at least {MIN_CWAC_SAMPLES} are needed); this is the plain PTQ model")
+        config = dataclasses.replace(config, cwac=dataclasses.replace(config.cwac, enabled=False))
     if config.cwac.enabled:
         with _stage("cwac_fit", seconds):
             cwac = _fit(float_model, plain, plan, calib_part, config)
@@ -275,8 +283,9 @@ def _range_overrides(config: CompileConfig, plan: QuantPlan) -> dict:
 
 
 def _fit(float_model, plain, plan, calib_part, config) -> CwacFit:
-    if config.cwac.params is not None:
-        cwac = CwacFit(load_cwac_params(config.cwac.params, plan, plain), "params", [], {}, 0, 0.0)
+    if config.cwac.params is not None:  # fitted elsewhere: the same output gate as a fitted compensation
+        cwac = gate_given(float_model, plain, load_cwac_params(config.cwac.params, plan, plain), calib_part,
+                          config.cwac, config.calib.batch_size)
     else:
         cwac = fit_compensations(float_model, plain, plan, calib_part, config.cwac, config.calib.batch_size)
     comps, constrained = constrain_full_range(plain, cwac.compensations)

@@ -18,6 +18,8 @@ def render_summary(result) -> str:
         lines.append(f"  exclusion patterns that matched nothing: {', '.join(plan.unmatched_patterns)}")
     for line in result.stages.get("load", {}).get("repaired_declarations", []):
         lines.append(f"  note: {line}")
+    for line in result.stages.get("load", {}).get("warnings", []):
+        lines.append(f"  warning: {line}")
     lines += _coarse_grid_lines(result.stages.get("plan", {}).get("coarse_weight_grids"))
     if result.stages.get("simplify", {}).get("onnxsim", "").startswith("skipped"):
         lines.append(f"  note: onnxsim {result.stages['simplify']['onnxsim']}")
@@ -68,6 +70,13 @@ def _cwac_lines(result) -> list[str]:
     errs = ", ".join(f"{k} {v:.3g}" for k, v in fit.output_error.items())
     lines = [f"CWAC: target {fit.target}, {len(fit.compensations)}/{len(result.plan.layers)} layers compensated "
              f"in {fit.stages} stages, fit {fit.seconds:.1f}s; held-out output error: {errs}"]
+    if fit.rejected_by_gate:
+        lines.append(f"  warning: the given compensation (--cwac-params) makes the model worse on held-out "
+                     f"calibration samples (output error none {fit.output_error.get('none', 0):.3g} -> "
+                     f"{fit.output_error.get('params', 0):.3g}"
+                     + (f", decision agreement with float {fit.decisions['none']:.4f} -> {fit.decisions['params']:.4f}"
+                        if "params" in fit.decisions else "")
+                     + "); it was folded as asked: check how it was fitted, or drop --cwac-params")
     samples = fit.held_out_samples()
     if samples and samples["worse_than_none"]:
         from .report import held_out_account

@@ -104,6 +104,16 @@ def batches(samples: Iterable[Feed], batch_size: int) -> Iterator[tuple[Feed, in
         yield flush()
 
 
+def per_sample(x: np.ndarray, n: int) -> list[np.ndarray]:
+    """A batch-major tensor of ``n`` samples split into its ``n`` per-sample chunks along axis 0 (one chunk,
+    the tensor itself, where axis 0 does not divide into ``n``).  Statistics fed chunk by chunk, in sample
+    order, are the same whatever the batch size — ``--batch-size`` is a memory knob only (DESIGN.md §8)."""
+    if n <= 1 or x.ndim == 0 or x.shape[0] % n:
+        return [x]
+    k = x.shape[0] // n
+    return [x[i * k:(i + 1) * k] for i in range(n)]
+
+
 class BatchRunner:
     """Runs one or more sessions on the same batches; falls back to one sample at a
     time when a model cannot take a batch (fixed batch dims inside the graph)."""

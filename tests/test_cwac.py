@@ -245,7 +245,7 @@ def test_cwac_never_worse_and_fold_is_exact(tmp_path):
 
 
 def test_fold_check_catches_a_one_percent_scale_error(tmp_path):
-    res, calib = _compiled(tmp_path, wbits=8)
+    res, calib = _compiled(tmp_path, wbits=8, n=48)
     on = compile_model(tmp_path / "m.onnx", calib, tmp_path / "c.onnx", CompileConfig(cwac=CwacConfig(target="global")),
                        unfused_path=tmp_path / "u.onnx", measure=False)
     assert on.cwac.compensations, "the tiny model should get some compensation at W8A8"
