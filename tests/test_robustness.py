@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -414,10 +413,12 @@ def test_interrupt_leaves_no_partial_output(workdir):
     np.savez(workdir / "big.npz", x=rng.normal(size=(20000, 3, 8, 8)).astype(np.float32))
     before_tree = _tree(workdir)
     env = dict(os.environ, TMPDIR=str(workdir / "tmpdir"), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "qwt2_onnx.cli", "compile", str(model), "--calib",
+    proc = subprocess.Popen([sys.executable, "-m", "qwt2_onnx.entry", "-v", "compile", str(model), "--calib",
                              str(workdir / "big.npz"), "-o", str(workdir / "o.onnx"), "--batch-size", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    time.sleep(8)  # start-up (imports) takes 2-4 s; calibrating 20000 samples one by one takes far longer
+    for line in proc.stderr:  # an observed stage marker, not a wall-clock guess: calibration starts after plan
+        if "stage plan" in line:
+            break
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -1,0 +1,224 @@
+"""Every real model a user brings compiles: one tiny model per class of real-world quirk (issue 20).
+
+Each class was a traceback on a real model: a batch fixed at 1, wrong or incomplete graph-output
+declarations, a broadcast Gemm bias, a sparse initializer, a zero-size weight, float16 / bfloat16 /
+float64 models.  Each test builds the smallest model that has the quirk, compiles it through the CLI and
+asserts exit 0, a passing check, and outputs that track float; the refusals assert exit 2 and the message.
+Exit codes: 3 (and only 3) for our own bugs.
+"""
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qwt2_onnx.cli import main
+from qwt2_onnx.runtime import make_session
+from test_robustness import compile_fails_cleanly, workdir  # noqa: F401  (the fixture)
+from tiny_models import calib_npz, conv_net
+
+
+def _compile_ok(tmp, model: onnx.ModelProto, calib, *args) -> tuple[onnx.ModelProto, str]:
+    """Compile through the CLI: exit 0, a PASSED check, no traceback; the written model."""
+    onnx.save(model, tmp / "m.onnx")
+    res = CliRunner().invoke(main, ["compile", str(tmp / "m.onnx"), "--calib", str(calib), "-o", str(tmp / "q.onnx"),
+                                    *map(str, args)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output and "PASSED" in res.output, res.output
+    assert json.loads((tmp / "q.report.json").read_text())["passed"] is True
+    return onnx.load(tmp / "q.onnx"), res.output
+
+
+def _tracks_float(float_model, qmodel, feed, min_cos: float) -> None:
+    (f,), (q,) = make_session(float_model).run(None, feed), make_session(qmodel).run(None, feed)
+    assert q.dtype == f.dtype and q.shape == f.shape
+    f64, q64 = f.astype(np.float64).ravel(), q.astype(np.float64).ravel()
+    cos = f64 @ q64 / (np.linalg.norm(f64) * np.linalg.norm(q64))
+    assert cos > min_cos, cos
+
+
+def _mlp(dtype=np.float32, bias_shape=(6,), w0=(4, 6), seed=0) -> onnx.ModelProto:
+    """x[N,4] ─► Gemm(w, b) ─► Relu ─► MatMul(w2) ─► y[N,3], all in ``dtype``."""
+    rng = np.random.default_rng(seed)
+    tt = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="gemm"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm")]
+    inits = [numpy_helper.from_array(rng.normal(size=w0).astype(dtype), "w"),
+             numpy_helper.from_array(rng.normal(size=bias_shape).astype(dtype), "b"),
+             numpy_helper.from_array(rng.normal(size=(w0[1], 3)).astype(dtype), "w2")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", tt, ["N", 4])],
+                          [helper.make_tensor_value_info("y", tt, ["N", 3])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def _vec_calib(path, dtype=np.float32, n=64):
+    np.savez(path, x=np.random.default_rng(1).normal(size=(n, 4)).astype(dtype))
+    return path
+
+
+# --- a batch fixed at 1: compile, check and diff honour it ------------------------------------------------------
+
+def test_fixed_batch_of_one_through_compile_check_and_diff(tmp_path):
+    model = conv_net(batch=1)
+    calib = calib_npz(tmp_path / "c.npz")
+    args = ["--emit-unfused", tmp_path / "u.onnx", "--batch-size", "8"]
+    qmodel, _ = _compile_ok(tmp_path, model, calib, *args)
+    assert qmodel.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    for cmd in (["check", tmp_path / "q.onnx", tmp_path / "u.onnx"], ["diff", tmp_path / "m.onnx", tmp_path / "q.onnx",
+                                                                       "--rtol", "0.5"]):
+        res = CliRunner().invoke(main, [*map(str, cmd), "--data", str(calib), "--batch-size", "8"])
+        assert res.exit_code == 0, res.output
+        assert "Traceback" not in res.output and "PASSED" in res.output
+
+
+# --- graph-output declarations that are wrong or incomplete: repaired at load ------------------------------------
+
+def _declare(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
+    tt = model.graph.output[0].type.tensor_type
+    if how == "no_shape":
+        tt.ClearField("shape")
+    elif how == "rank0":
+        tt.shape.Clear()
+    elif how == "wrong_rank":
+        del tt.shape.dim[1:]
+    elif how == "wrong_dim":
+        tt.shape.dim[1].dim_value = 7
+    elif how == "fixed_but_dynamic":
+        tt.shape.dim[0].Clear()
+        tt.shape.dim[0].dim_value = 1
+    elif how == "stale_value_info":
+        model.graph.value_info.append(helper.make_tensor_value_info("g1", TensorProto.FLOAT, [1, 99]))
+    return model
+
+
+@pytest.mark.parametrize("how", ["no_shape", "rank0", "wrong_rank", "wrong_dim", "fixed_but_dynamic", "stale_value_info"])
+def test_wrong_declared_output_types_are_repaired_at_load(tmp_path, how):
+    model = _declare(conv_net(), how)
+    qmodel, out = _compile_ok(tmp_path, model, calib_npz(tmp_path / "c.npz"))
+    onnx.checker.check_model(qmodel, full_check=True)
+    dims = qmodel.graph.output[0].type.tensor_type.shape.dim
+    assert len(dims) == 2 and dims[1].dim_value == 5
+    if how != "stale_value_info":
+        assert "declaration repaired" in out
+    feed = {"x": np.random.default_rng(3).normal(size=(4, 3, 8, 8)).astype(np.float32)}
+    _tracks_float(conv_net(), qmodel, feed, 0.99)
+
+
+# --- constants in unusual forms ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias_shape", [(1,), (), (1, 6)])
+def test_gemm_bias_that_broadcasts_is_made_per_channel(tmp_path, bias_shape):
+    model = _mlp(bias_shape=bias_shape)
+    qmodel, _ = _compile_ok(tmp_path, model, _vec_calib(tmp_path / "c.npz"))
+    gemm = next(n for n in qmodel.graph.node if n.op_type == "Gemm")
+    assert any(n.op_type == "DequantizeLinear" and n.output[0] == gemm.input[2] for n in qmodel.graph.node)
+    x = np.random.default_rng(4).normal(size=(16, 4)).astype(np.float32)
+    _tracks_float(model, qmodel, {"x": x}, 0.99)
+
+
+def test_sparse_initializer_weight(tmp_path):
+    model = _mlp()
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[np.abs(w) < 0.5] = 0
+    idx = np.flatnonzero(w).astype(np.int64)
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(w.ravel()[idx], "w"),
+                                       numpy_helper.from_array(idx, "w_idx"), list(w.shape))
+    del model.graph.initializer[0]
+    model.graph.sparse_initializer.append(sparse)
+    qmodel, out = _compile_ok(tmp_path, model, _vec_calib(tmp_path / "c.npz"))
+    assert "quantized 2 layers" in out and not qmodel.graph.sparse_initializer
+    dense = _mlp()
+    dense.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    _tracks_float(dense, qmodel, {"x": np.random.default_rng(4).normal(size=(16, 4)).astype(np.float32)}, 0.99)
+
+
+def test_zero_size_weight_is_left_float_with_a_reason(tmp_path):
+    """x ─► MatMul(w[4,0]) ─► z[N,0] ─┐
+       x ─► MatMul(w[4,3]) ─► h ──────┴► Concat ─► y[N,3]"""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["z"], name="empty"),
+             helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Concat", ["h", "z"], ["y"], name="cat", axis=1)]
+    g = helper.make_graph(nodes, "z", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(np.zeros((4, 0), np.float32), "w0"),
+                           numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    _, out = _compile_ok(tmp_path, model, _vec_calib(tmp_path / "c.npz"))
+    assert "quantized 1 layers" in out and "zero_size_weight" in out
+
+
+# --- float16 / bfloat16 / float64: float32 inside, the model's own interface kept -------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_float16_and_float64_models_compile_with_their_interface(tmp_path, dtype):
+    model = _mlp(dtype=dtype)
+    qmodel, out = _compile_ok(tmp_path, model, _vec_calib(tmp_path / "c.npz", dtype))
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    assert qmodel.graph.input[0].type.tensor_type.elem_type == elem
+    assert qmodel.graph.output[0].type.tensor_type.elem_type == elem
+    assert not [t.name for t in qmodel.graph.initializer if t.data_type == elem], "weights are float32 inside"
+    x = np.random.default_rng(4).normal(size=(16, 4)).astype(dtype)
+    _tracks_float(model, qmodel, {"x": x}, 0.99)
+
+
+def test_bfloat16_weights_behind_a_cast(tmp_path):
+    """w_bf16 ─► Cast(to=float) ─► MatMul(x, ·) ─► Relu ─► y"""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    wb = helper.make_tensor("wb", TensorProto.BFLOAT16, [4, 3],
+                            w.astype(ml_dtypes.bfloat16).view(np.uint16).tobytes(), raw=True)
+    nodes = [helper.make_node("Cast", ["wb"], ["w"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"])]
+    g = helper.make_graph(nodes, "b", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [wb])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    qmodel, out = _compile_ok(tmp_path, model, _vec_calib(tmp_path / "c.npz"))
+    assert "quantized 1 layers" in out
+    _tracks_float(model, qmodel, {"x": rng.normal(size=(16, 4)).astype(np.float32)}, 0.99)
+
+
+def test_bfloat16_inputs_are_refused_naming_the_type(workdir):
+    m = _mlp()
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.BFLOAT16
+    onnx.save(m, workdir / "m.onnx")
+    compile_fails_cleanly(workdir, workdir / "m.onnx", "--calib", _vec_calib(workdir / "c.npz"), "-o",
+                          workdir / "o.onnx", message="element type BFLOAT16")
+
+
+def test_four_bit_activations_are_not_offered(workdir):
+    onnx.save(conv_net(), workdir / "m.onnx")
+    res = CliRunner().invoke(main, ["compile", str(workdir / "m.onnx"), "--calib", str(calib_npz(workdir / "c.npz")),
+                                    "--abits", "4"])
+    assert res.exit_code == 2 and "'4' is not one of" in res.output
+    from qwt2_onnx import QwtError
+    from qwt2_onnx.config import QuantConfig
+    with pytest.raises(QwtError, match="4-bit activations"):
+        QuantConfig(abits=4)
+
+
+# --- exit codes: 3 for our bugs, and only for them ------------------------------------------------------------
+
+def test_internal_error_exits_3_with_a_line_and_the_traceback(workdir, monkeypatch):
+    import qwt2_onnx.pipeline as pipeline
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("a bug of ours")
+    monkeypatch.setattr(pipeline, "plan_quantization", broken)
+    onnx.save(conv_net(), workdir / "m.onnx")
+    res = CliRunner().invoke(main, ["compile", str(workdir / "m.onnx"), "--calib",
+                                                    str(calib_npz(workdir / "c.npz")), "-o", str(workdir / "o.onnx")])
+    assert res.exit_code == 3, res.output
+    assert res.stderr.startswith("internal error: this is a bug in qwt2-onnx")
+    assert "Traceback" in res.stderr and "ZeroDivisionError: a bug of ours" in res.stderr
+    assert not (workdir / "o.onnx").exists()
