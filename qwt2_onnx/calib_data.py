@@ -342,7 +342,7 @@ def _folder_samples(folder: Path, specs: list[InputSpec], pre: ImagePreprocess |
 
 def _image_samples(paths: list[Path], specs: list[InputSpec], pre: ImagePreprocess) -> Iterator[Feed]:
     try:
-        from PIL import Image
+        import PIL.Image  # noqa: F401  (read in _read_image)
     except ImportError:
         raise QwtError("reading image folders needs Pillow", fix="pip install 'qwt2-onnx[images]' (or pillow)") from None
     if len(specs) != 1:

@@ -423,11 +423,6 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     first = next(batches(parts.fit, parts.batch_size), None)
     if first is None:
         return CwacFit({}, "none", [], {}, 0, 0.0)
-    try:
-        make_session(float_model).run(None, first[0])
-    except Exception:
-        logger.info("model does not run on a batch; fitting one sample at a time")
-        parts.batch_size = 1
     candidates = ("global", "local") if cfg.target == "auto" else (cfg.target,)
     none = output_errors(float_model, qmodel, parts.hold, parts.batch_size, cfg.position_mask)
     scored: dict[str, OutputError] = {"none": none}

@@ -22,3 +22,15 @@ def fetch_or_skip(name: str) -> pathlib.Path:
 def zoo_path():
     """zoo_path(name) -> Path of the fetched model, or skip the test."""
     return fetch_or_skip
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """tmp_path with its own TMPDIR, so leftover temporary files are seen."""
+    import tempfile
+
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    return tmp_path

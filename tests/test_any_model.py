@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qwt2_onnx.cli import main
 from qwt2_onnx.runtime import make_session
-from test_robustness import compile_fails_cleanly, workdir  # noqa: F401  (the fixture)
+from test_robustness import compile_fails_cleanly
 from tiny_models import calib_npz, conv_net
 
 

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from qwt2_onnx.cli import main
-from test_robustness import _tree, compile_fails_cleanly, workdir  # noqa: F401  (the fixture)
+from test_robustness import _tree, compile_fails_cleanly
 from tiny_models import calib_npz, conv_net, matmul_add
 
 

@@ -34,17 +34,6 @@ def _tree(*dirs: Path) -> set[str]:
     return {str(p) for d in dirs for p in d.rglob("*")}
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """tmp_path with its own TMPDIR, so leftover temporary files are seen."""
-    tmpdir = tmp_path / "tmpdir"
-    tmpdir.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmpdir))
-    import tempfile
-    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-    return tmp_path
-
-
 def compile_fails_cleanly(workdir: Path, model: Path, *args, message: str, exit_code: int = 2) -> str:
     """Run ``compile MODEL ARGS``; check the clean-failure contract; return the output."""
     before_tree = _tree(workdir)
