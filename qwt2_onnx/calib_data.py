@@ -277,6 +277,26 @@ def _npz_members(path: Path, specs: list[InputSpec] | None = None) -> dict[str, 
     return out
 
 
+SMALL_NPZ_BYTES = 256 * 2**20  # --cwac-params / --act-ranges hold O(channels) numbers
+
+
+def read_small_npz(path: str | Path, what: str, fix: str) -> dict[str, np.ndarray]:
+    """A small ``.npz`` of parameters (``--cwac-params``, ``--act-ranges``), read as safely as calibration
+    data: a regular file, headers checked, at most ``SMALL_NPZ_BYTES`` in all, nothing unpickled."""
+    p = Path(path)
+    if not p.exists():
+        raise QwtError(f"{what} not found: {p}", fix=fix)
+    headers = _npz_members(p)
+    total = sum(h.data_bytes for h in headers.values())
+    if total > SMALL_NPZ_BYTES:
+        raise QwtError(f"{what} {p} declares {total / 2**20:.0f} MiB of arrays", fix=fix)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001  (numpy's own errors for what the headers did not show)
+        raise QwtError(f"cannot read {what} {p}", notes=[f"{type(e).__name__}: {str(e)[:200]}"], fix=fix) from None
+
+
 def _npz_samples(path: Path, specs: list[InputSpec]) -> Iterator[Feed]:
     """Stream an .npz one sample at a time: memory stays at one sample per input."""
     members = _npz_members(path, specs)

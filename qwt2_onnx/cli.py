@@ -66,6 +66,10 @@ class _Main(click.Group):
             raise
         except QwtError as e:
             _fail(e)
+        except OSError as e:  # the file system refused a path the user gave (a name too long, no permission, EIO)
+            where = f" {e.filename}" if e.filename else ""
+            _fail(QwtError(f"cannot access{where}: {e.strerror or e}", notes=[f"errno {e.errno}"],
+                           fix="check the path, its permissions and the disk; nothing was written"))
         except KeyboardInterrupt as e:  # Ctrl-C, or errors.Interrupted from SIGINT / SIGTERM (entry.py)
             _interrupted(getattr(e, "exit_code", 130))
         except Exception:  # noqa: BLE001  (our bug: say so, keep the traceback)

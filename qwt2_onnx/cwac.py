@@ -253,11 +253,10 @@ def load_cwac_params(path, plan, qmodel) -> dict[str, Compensation]:
     keyed by the float weight initializer's name (e.g. a PyTorch parameter name)."""
     from .errors import QwtError
 
-    try:
-        arrays = dict(np.load(path, allow_pickle=False))
-    except Exception as e:
-        raise QwtError(f"cannot read CWAC parameters from {path}", notes=[f"{type(e).__name__}: {e}"],
-                       fix="pass an .npz file with '<weight>:gain' and '<weight>:bias' arrays") from None
+    from .calib_data import read_small_npz
+
+    arrays = read_small_npz(path, "CWAC parameters file (--cwac-params)",
+                            "pass an .npz file with '<weight>:gain' and '<weight>:bias' arrays")
     by_weight = {lp.weight: lp for lp in plan.layers}
     weights = {k.rsplit(":", 1)[0] for k in arrays}
     unknown = sorted(w for w in weights if w not in by_weight)

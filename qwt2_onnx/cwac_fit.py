@@ -52,7 +52,7 @@ from .graph_io import export_model
 from .passes.fold_compensation import weight_shape
 from .passes.insert_compensation import InsertCompensationPass, compensation_point
 from .policy import QuantPlan
-from .runtime import batch_size_within, batches, make_session, per_sample, with_outputs
+from .runtime import batches, make_session, per_sample, with_outputs
 from .segments import SegmentPlan, TensorCache
 
 logger = logging.getLogger(__name__)
@@ -407,19 +407,23 @@ class _Parts:
         return cls(data.take(0, n - n_hold), hold, batch_size)
 
 
+# The fit and its gate run one sample per onnxruntime call, whatever --batch-size says, so that the model
+# they write does not depend on batching: onnxruntime's MatMul on a weight that is not a constant (a
+# DequantizeLinear output, in every float-simulated QDQ graph) rounds differently for one row and for many
+# (orientation's classifier MatMul: 5.5e-6 between a batch of 8 and 8 single runs, enough to move its
+# fitted gains in the 7th digit).  Measured cost on orientation (48 samples, 2 cores under a load of ~6,
+# two runs each): fit 18.4 s / 15.1 s one sample per call vs 15.0 s / 15.9 s in batches of 8 — within the
+# machine's noise.
+FIT_BATCH = 1
+
+
 def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan, data: CalibrationSet,
                       cfg: CwacConfig = CwacConfig(), batch_size: int = 8,
                       progress: Callable[[int, int], None] | None = None) -> CwacFit:
-    """Fit CWAC for ``plan``'s layers of ``qmodel`` (plain QDQ) against ``float_model``."""
+    """Fit CWAC for ``plan``'s layers of ``qmodel`` (plain QDQ) against ``float_model``.  ``batch_size`` is
+    not used: the fit runs one sample per call (``FIT_BATCH``)."""
     t0 = time.perf_counter()
-    parts = _Parts.split(data, cfg, batch_size)
-    # batches sized like calibration's: one batch of the layers' outputs (what the fit caches and
-    # reads, stage by stage) within runtime.BATCH_OUTPUT_LIMIT
-    layers = {lp.node for lp in plan.layers}
-    points = [n.output[0] for n in float_model.graph.node if n.name in layers]
-    probe = make_session(with_outputs(float_model, points))
-    parts.batch_size = batch_size_within(parts.fit, batch_size, lambda f: probe.run(points or None, f))
-    del probe
+    parts = _Parts.split(data, cfg, FIT_BATCH)
     first = next(batches(parts.fit, parts.batch_size), None)
     if first is None:
         return CwacFit({}, "none", [], {}, 0, 0.0)
@@ -458,8 +462,7 @@ def gate_given(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, comps: dic
     (``rejected_by_gate``), which the compile summary prints as a warning: a zero or absurd gain no
     longer passes silently."""
     t0 = time.perf_counter()
-    parts = _Parts.split(data, cfg, batch_size)
-    parts.batch_size = batch_size_within(parts.hold, batch_size, lambda f: make_session(float_model).run(None, f))
+    parts = _Parts.split(data, cfg, FIT_BATCH)
     scored = {"none": output_errors(float_model, qmodel, parts.hold, parts.batch_size, cfg.position_mask)}
     if comps:
         scored["params"] = output_errors(float_model, _unfused(qmodel, comps), parts.hold, parts.batch_size,

@@ -119,6 +119,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
         data.validate()  # every sample: names, shapes, dtypes, NaN/Inf, before any heavy work
         check_position_mask(config.cwac, specs, data)
         stages["load"]["warnings"] = data.warnings()
+        _read_parameter_files(config)
     with _stage("normalize", seconds):
         result = NormalizePass(qcfg.min_opset)(model)
         del model  # each stage's input is dropped once used: big models are held in memory a few times only
@@ -180,6 +181,7 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
         data = calib if isinstance(calib, CalibrationSet) else open_calibration(calib, specs, image_preprocess)
         data.validate()
         check_position_mask(config.cwac, specs, data)
+        _read_parameter_files(config)
     with _stage("normalize", seconds):
         float_model, plain, stages["normalize"] = normalize_upgrade_inputs(qmodel, fmodel)
     with _stage("plan", seconds):
@@ -271,6 +273,17 @@ def check_paths(config: CompileConfig, output_path: Path, unfused_path, models: 
         writes += [Access(unfused_path, "unfused model"),
                    Access(unfused_path.with_name(unfused_path.name + ".data"), "unfused model's external data")]
     check_run_paths(reads, writes)
+
+
+def _read_parameter_files(config: CompileConfig) -> None:
+    """``--cwac-params`` / ``--act-ranges`` read once at load (a bad file fails before calibration); the
+    stages that use them read them again against the plan."""
+    from .calib_data import read_small_npz
+
+    for path, what in ((config.cwac.params, "CWAC parameters file (--cwac-params)"),
+                       (config.calib.range_overrides, "activation ranges file (--act-ranges)")):
+        if path is not None:
+            read_small_npz(path, what, "pass the .npz the option documents")
 
 
 def _range_overrides(config: CompileConfig, plan: QuantPlan) -> dict:

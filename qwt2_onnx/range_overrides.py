@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .calib_data import read_small_npz
 from .errors import QwtError
 from .observers import ActivationRange
 from .policy import QuantPlan
@@ -25,11 +26,8 @@ SUFFIXES = ("input_range", "output_range")
 
 def load_range_overrides(path, plan: QuantPlan) -> dict[str, ActivationRange]:
     """tensor name -> ActivationRange for every key of the ``.npz`` at ``path`` (see module doc)."""
-    try:
-        arrays = dict(np.load(path, allow_pickle=False))
-    except Exception as e:  # noqa: BLE001  (missing file, not an npz, pickled content...)
-        raise QwtError(f"cannot read activation ranges from {path}", notes=[f"{type(e).__name__}: {e}"],
-                       fix="pass an .npz of '<weight>:input_range' / '<weight>:output_range' arrays [lo, hi]") from None
+    arrays = read_small_npz(path, "activation ranges file (--act-ranges)",
+                            "pass an .npz of '<weight>:input_range' / '<weight>:output_range' arrays [lo, hi]")
     by_weight = {lp.weight: lp for lp in plan.layers}
     out: dict[str, ActivationRange] = {}
     source: dict[str, str] = {}

@@ -77,6 +77,11 @@ def _same(a: Path, b: Path) -> bool:
 def check_run_paths(reads: list[Access], writes: list[Access]) -> None:
     """Refuse a run that would overwrite an input, write one file twice, or fail at its write stage."""
     for i, w in enumerate(writes):
+        try:
+            _check_destination(w)
+        except OSError as e:  # what inspecting the path itself raised (a name too long, a loop of links...)
+            raise QwtError(f"cannot use {w.path} as the {w.role}: {e.strerror or e}",
+                           fix="pass another output path") from None
         for r in reads:
             if _same(w.path, r.path):
                 raise QwtError(f"the {w.role} would overwrite the {r.role}: {w.path}",
@@ -86,11 +91,17 @@ def check_run_paths(reads: list[Access], writes: list[Access]) -> None:
             if _same(w.path, other.path) or w.path.resolve() == other.path.resolve():
                 raise QwtError(f"the {w.role} and the {other.role} are the same file: {w.path}",
                                fix="give each output its own path")
-        _check_destination(w)
 
 
 def _check_destination(w: Access) -> None:
     path, parent = w.path, w.path.parent if str(w.path.parent) else Path(".")
+    try:
+        name_max = os.pathconf(parent if parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(path.name.encode()) > name_max:
+        raise QwtError(f"the {w.role} name is {len(path.name.encode())} bytes long; this file system allows "
+                       f"{name_max}", notes=[f"{w.role}: {path}"], fix="pass a shorter output name")
     if str(path).endswith((os.sep, "/")) or path.is_dir():
         raise QwtError(f"the {w.role} path is a folder: {path}", fix="pass a file path such as out/model.int8.onnx")
     if os.path.lexists(path):

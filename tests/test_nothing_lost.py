@@ -162,6 +162,23 @@ def test_destinations_refused_before_any_work(workdir, monkeypatch, dest):
     assert not (workdir / "newdir").exists()
 
 
+def test_a_name_the_file_system_cannot_hold_is_refused_before_work(workdir):
+    """The report's name extends the model's: 250 bytes + '.report.html' is over the usual 255."""
+    compile_fails_cleanly(workdir, _net(workdir), "--calib", calib_npz(workdir / "c.npz"), "-o",
+                          workdir / ("m" * 245 + ".onnx"), message="this file system allows")
+
+
+@pytest.mark.parametrize("option", ["--cwac-params", "--act-ranges"])
+def test_parameter_files_are_read_safely_and_before_calibration(workdir, option):
+    os.mkfifo(workdir / "p.npz")
+    compile_fails_cleanly(workdir, _net(workdir), "--calib", calib_npz(workdir / "c.npz"), "-o", workdir / "o.onnx",
+                          option, workdir / "p.npz", message="is not a regular file")
+    os.remove(workdir / "p.npz")
+    _npz_with_header(workdir / "p.npz", (10**6, 10**3))  # 4 GB declared in a few bytes
+    compile_fails_cleanly(workdir, _net(workdir), "--calib", calib_npz(workdir / "c.npz"), "-o", workdir / "o.onnx",
+                          option, workdir / "p.npz", message="declares shape")
+
+
 def test_commit_places_every_output_or_none(workdir, monkeypatch):
     """The third rename fails: the two outputs already placed are taken back and the earlier model restored."""
     model, calib = _net(workdir), calib_npz(workdir / "c.npz")

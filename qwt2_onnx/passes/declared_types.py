@@ -7,11 +7,11 @@ optimizer.  onnxruntime only warns about them, but onnx's full check (the last
 stage, on the compiled model) rejects them, and onnxruntime fails once an
 inserted node writes such an output.  So at load, before calibration:
 
-* ``value_info`` is dropped: it is a cache of inferred shapes, and normalize
-  infers it again from the graph itself;
+* a ``value_info`` entry that contradicts what onnx infers from the graph is
+  dropped (normalize infers it again); entries that agree, or that know more
+  than inference does, are kept;
 * each graph output's declared type is compared with the type onnx infers from
-  the graph (the outputs' own declarations removed first, so they cannot steer
-  it).  A declaration is kept when it agrees: same element type, same rank, and
+  the graph (the declarations removed first, so they cannot steer it).  A declaration is kept when it agrees: same element type, same rank, and
   no dimension where both sides are numbers that differ.  Otherwise — or where
   the declaration has no shape, or declares a number where the graph computes a
   symbolic dimension — the inferred type replaces it, and the repair is
@@ -30,9 +30,11 @@ logger = logging.getLogger(__name__)
 
 
 def _dims(tt: onnx.TypeProto.Tensor) -> list[int | str | None] | None:
+    """Declared dims: ints, names of symbolic dims, None where unknown (inference's ``unk__N`` included)."""
     if not tt.HasField("shape"):
         return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    return [d.dim_value if d.HasField("dim_value") else
+            (d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None) for d in tt.shape.dim]
 
 
 def _disagree(declared: onnx.TypeProto.Tensor, inferred: onnx.TypeProto.Tensor) -> str | None:
@@ -59,10 +61,9 @@ def repair_declared_types(model: onnx.ModelProto) -> list[str]:
     from ..model_io import structure
 
     repairs = []
-    if model.graph.value_info:
-        del model.graph.value_info[:]
     probe = structure(model)
-    for out in probe.graph.output:  # the declarations must not steer the inference that judges them
+    del probe.graph.value_info[:]  # the declarations must not steer the inference that judges them
+    for out in probe.graph.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
     try:
@@ -71,6 +72,14 @@ def repair_declared_types(model: onnx.ModelProto) -> list[str]:
         logger.info("output types not checked: shape inference failed: %s", str(e)[:200])
         return repairs
     found = {vi.name: vi.type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+    kept = [vi for vi in model.graph.value_info if not (
+        vi.type.HasField("tensor_type") and vi.name in found and found[vi.name].HasField("tensor_type")
+        and _disagree(vi.type.tensor_type, found[vi.name].tensor_type))]
+    if len(kept) < len(model.graph.value_info):
+        repairs.append(f"{len(model.graph.value_info) - len(kept)} value_info entries contradicted the graph: "
+                       "dropped")
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
     for out in model.graph.output:
         itype = found.get(out.name)
         if not out.type.HasField("tensor_type") or itype is None or not itype.HasField("tensor_type"):
