@@ -177,10 +177,12 @@ def _check_array(a: np.ndarray, spec: InputSpec, index: int, where: str, values:
                        notes=[f"sample {index} of {where}: shape {list(a.shape)}", f"model input shape {spec.shape_str()}"],
                        fix="for .npz data the first axis counts samples: each array is [samples, ...model shape without batch]")
     for axis, (want, got) in enumerate(zip(spec.shape, a.shape)):
-        if isinstance(want, int) and want > 0 and want != got and not (axis == 0 and got == 1):
+        if isinstance(want, int) and want > 0 and want != got:
             raise QwtError(f"calibration input '{spec.name}' has shape {list(a.shape)}, the model expects {spec.shape_str()}",
                            notes=[f"sample {index} of {where}", f"axis {axis}: expected {want}, got {got}"],
-                           fix="resize the calibration data to the model's input shape")
+                           fix="resize the calibration data to the model's input shape; for an input whose "
+                               "first axis is not a free batch axis (a fixed size, a state [2, batch, 128], a "
+                               "scalar), store [samples, *input shape]: one rank more than the input")
     if values and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
         bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
         raise QwtError(f"calibration input '{spec.name}' sample {index} holds {bad} NaN/Inf values",
@@ -225,6 +227,17 @@ def _read_npy_header(f, stored_bytes: int, where: str) -> _Header:
     return _Header(tuple(shape), dtype, fortran, declared)
 
 
+def sample_shape(array_shape: tuple[int, ...], spec: InputSpec | None) -> tuple[int, ...]:
+    """One sample's shape in an array whose first axis counts samples.  An array one rank above the
+    model's input holds whole inputs (``[n, *input shape]``: what a scalar input, an input whose batch
+    axis is not the first — a recurrent state ``[2, batch, 128]`` — or a batch fixed above 1 needs); an
+    array of the input's own rank holds samples along the batch axis (``[n, C, H, W]`` for
+    ``[N, C, H, W]``: each sample keeps a batch of 1)."""
+    if spec is not None and len(array_shape) == len(spec.shape) + 1:
+        return tuple(array_shape[1:])
+    return (1,) + tuple(array_shape[1:]) if array_shape else ()
+
+
 def _check_headers(headers: dict[str, _Header], specs: list[InputSpec], where: str, first_axis_counts: bool) -> None:
     """Each array's header against the model's input specs, before its data is read: dtype, rank, fixed
     dimensions, and how much one sample would allocate (``MAX_SAMPLE_BYTES``)."""
@@ -232,12 +245,11 @@ def _check_headers(headers: dict[str, _Header], specs: list[InputSpec], where: s
     total = 0
     for key, h in headers.items():
         spec = by_name.get(key)
-        sample_shape = ((1,) + h.shape[1:]) if first_axis_counts and h.shape else h.shape
+        one = sample_shape(h.shape, spec) if first_axis_counts else h.shape
         if spec is not None:
-            dummy = np.lib.stride_tricks.as_strided(np.zeros(1, h.dtype), shape=sample_shape,
-                                                   strides=(0,) * len(sample_shape))
+            dummy = np.lib.stride_tricks.as_strided(np.zeros(1, h.dtype), shape=one, strides=(0,) * len(one))
             _check_array(dummy, spec, 0, where, values=False)
-        total += int(np.prod(sample_shape, dtype=object)) * h.dtype.itemsize
+        total += int(np.prod(one, dtype=object)) * h.dtype.itemsize
     if total > MAX_SAMPLE_BYTES:
         raise QwtError(f"one calibration sample of {where} would take {total / 2**20:.0f} MiB",
                        notes=[f"limit: {MAX_SAMPLE_BYTES / 2**20:.0f} MiB per sample", *(
@@ -313,7 +325,7 @@ def _npz_samples(path: Path, specs: list[InputSpec]) -> Iterator[Feed]:
             info = zf.getinfo(key + ".npy")
             f = zf.open(info)
             _read_npy_header(f, info.file_size, f"array '{key}' in {path}")
-            streams[key] = (f, (1,) + h.shape[1:], h.dtype)
+            streams[key] = (f, sample_shape(h.shape, next((sp for sp in specs if sp.name == key), None)), h.dtype)
         for _ in range(next(iter(counts.values()), 0)):
             feed = {}
             for key, (f, shape, dtype) in streams.items():
@@ -331,11 +343,11 @@ def _npy_array(path: Path, specs: list[InputSpec]) -> np.ndarray:
     with open(path, "rb") as f:
         h = _read_npy_header(f, path.stat().st_size, str(path))
     spec = specs[0]
-    per_sample = len(spec.shape) > 0 and len(h.shape) == len(spec.shape) - 1
-    _check_headers({spec.name: dataclasses.replace(h, shape=((1,) + h.shape) if per_sample else h.shape)},
+    single = len(spec.shape) > 0 and len(h.shape) == len(spec.shape) - 1  # one sample without its batch axis
+    _check_headers({spec.name: dataclasses.replace(h, shape=((1,) + h.shape) if single else h.shape)},
                    specs, str(path), first_axis_counts=True)
     a = np.load(path, allow_pickle=False)
-    return a[None] if per_sample else a
+    return a[None] if single else a
 
 
 def _folder_samples(folder: Path, specs: list[InputSpec], pre: ImagePreprocess | None) -> Iterator[Feed]:
@@ -356,8 +368,9 @@ def _folder_samples(folder: Path, specs: list[InputSpec], pre: ImagePreprocess |
             raise QwtError(f".npy calibration files need a single-input model; this one has {len(specs)} inputs",
                            notes=[f"file: {p.name}"], fix="store samples as .npz files with one array per input name")
         a = _npy_array(p, specs)
+        whole = a.ndim == len(specs[0].shape) + 1  # [n, *input shape]: each a[i] is one whole input
         for i in range(a.shape[0]):
-            yield {specs[0].name: a[i:i + 1]}
+            yield {specs[0].name: a[i] if whole else a[i:i + 1]}
 
 
 def _image_samples(paths: list[Path], specs: list[InputSpec], pre: ImagePreprocess) -> Iterator[Feed]:

@@ -135,10 +135,13 @@ def _lsb_scales(model: onnx.ModelProto) -> dict[str, float]:
     return out
 
 
-def fold_comparisons(fold: FoldCheck, tol: Tolerance, names: tuple[str, str]) -> list[Comparison]:
+def fold_comparisons(fold: FoldCheck, tol: Tolerance, names: tuple[str, str],
+                     output_tol: Tolerance | None = None) -> list[Comparison]:
+    """``tol`` judges the compensated layers, ``output_tol`` (default ``tol``) the graph outputs."""
+    output_tol = output_tol or tol
     forced = Comparison("fused vs unfused, float simulation, same activation codes", names[0], names[1],
                         fold.forced_outputs, fold.forced_layers,
-                        [Verdict.judge(s, tol, "output") for s in fold.forced_outputs.values()]
+                        [Verdict.judge(s, output_tol, "output") for s in fold.forced_outputs.values()]
                         + [Verdict.judge(s, tol, "layer") for s in fold.forced_layers.values()],
                         ["every activation QuantizeLinear is replaced by the unfused graph's codes, so only the "
                          "fold can differ"], role="fold")

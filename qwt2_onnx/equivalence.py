@@ -52,6 +52,12 @@ class FoldCheck:
     def worst_forced(self) -> float:
         return max([s.max_rel for s in (*self.forced_outputs.values(), *self.forced_layers.values())], default=0.0)
 
+    def passes(self, rtol: float, output_atol: float) -> bool:
+        """Every compensated layer within ``rtol`` of its max |reference|, every graph output within
+        ``output_atol + rtol·max|reference|`` (see ``pipeline.FOLD_OUTPUT_ATOL``)."""
+        return all(s.max_abs <= output_atol + rtol * s.max_ref for s in self.forced_outputs.values()) and \
+            all(s.max_rel <= rtol for s in self.forced_layers.values())
+
     def summary(self) -> dict:
         """The JSON-able numbers (max relative difference per tensor)."""
         return {"forced_max_rel": {k: s.max_rel for k, s in self.forced_outputs.items()},

@@ -87,7 +87,8 @@ def batch_size_within(samples: Iterable[Feed], requested: int, run: Callable[[Fe
 
 
 def batches(samples: Iterable[Feed], batch_size: int) -> Iterator[tuple[Feed, int]]:
-    """Concatenate consecutive same-shaped samples into batches of up to ``batch_size``."""
+    """Concatenate consecutive same-shaped samples into batches of up to ``batch_size`` along axis 0; a
+    sample any of whose inputs has no leading axis of 1 (a scalar, a state [2, 1, 128]) runs alone."""
     pending: list[Feed] = []
 
     def flush() -> tuple[Feed, int]:
@@ -95,6 +96,12 @@ def batches(samples: Iterable[Feed], batch_size: int) -> Iterator[tuple[Feed, in
         return feed, len(pending)
 
     for s in samples:
+        if not all(v.ndim and v.shape[0] == 1 for v in s.values()):  # no batch axis of 1 to concatenate on
+            if pending:
+                yield flush()
+                pending = []
+            yield s, 1
+            continue
         if pending and ({k: v.shape for k, v in s.items()} != {k: v.shape for k, v in pending[0].items()}
                         or len(pending) >= batch_size):
             yield flush()

@@ -222,3 +222,54 @@ def test_internal_error_exits_3_with_a_line_and_the_traceback(workdir, monkeypat
     assert res.stderr.startswith("internal error: this is a bug in qwt2-onnx")
     assert "Traceback" in res.stderr and "ZeroDivisionError: a bug of ours" in res.stderr
     assert not (workdir / "o.onnx").exists()
+
+
+# --- inputs without a free leading batch axis: a recurrent state [2, N, 3], a scalar ----------------------------
+
+def test_state_with_inner_batch_axis_and_scalar_input(tmp_path):
+    """x[N,4] ─► MatMul(w) ─► h ─┐
+       state[2,N,3] ─► ReduceSum(axis 0) ─► Mul(Cast(sr)) ─► Add ─► y[N,3]   (sr: an int64 scalar)
+    Calibration arrays one rank above the input hold whole inputs: state [n, 2, 1, 3], sr [n]."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("ReduceSum", ["state", "axes"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Mul", ["s", "srf"], ["ss"], name="scale"),
+             helper.make_node("Add", ["h", "ss"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 3]),
+                                         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w"),
+                           numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    n = 40
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(n, 4)).astype(np.float32),
+             state=rng.normal(size=(n, 2, 1, 3)).astype(np.float32), sr=np.full(n, 2, np.int64))
+    qmodel, _ = _compile_ok(tmp_path, model, tmp_path / "c.npz", "--batch-size", "8")
+    data = np.load(tmp_path / "c.npz")
+    fs, qs = make_session(model), make_session(qmodel)
+    pairs = [(fs.run(None, feed)[0], qs.run(None, feed)[0]) for feed in
+             ({"x": data["x"][i:i + 1], "state": data["state"][i], "sr": np.asarray(data["sr"][i])} for i in range(n))]
+    f, q = (np.concatenate(z).ravel().astype(np.float64) for z in zip(*pairs))
+    assert f @ q / (np.linalg.norm(f) * np.linalg.norm(q)) > 0.99
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fold_check_at_an_output_far_below_its_inputs(tmp_path, seed):
+    """y = 1 − Sigmoid(x·w + 10): |y| ~ 4.5e-5 carries the absolute rounding of values near 1 (2^-24).  The
+    fold check judges such an output with a floor of a few float32 ulps of 1, its layers relatively."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["hb"], name="bias"),
+             helper.make_node("Sigmoid", ["hb"], ["p"], name="sig"),
+             helper.make_node("Sub", ["one", "p"], ["y"], name="complement")]
+    g = helper.make_graph(nodes, "tiny_out", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32) * 0.5, "w"),
+                           numpy_helper.from_array(np.full(3, 10.0, np.float32), "b"),
+                           numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    _compile_ok(tmp_path, model, _vec_calib(tmp_path / "c.npz"))
