@@ -38,6 +38,7 @@ from .fidelity import FidelityReport, measure_fidelity
 from .graph_io import export_model
 from .inspect_ort import FusionReport, fusion_report
 from .model_io import AtomicOutputs, read_model
+from .passes.declared_types import repair_from_run
 from .passes.fold_batchnorm import FoldBatchNormPass
 from .passes.fold_constant_quantizers import FoldConstantQuantizersPass
 from .passes.insert_qdq import InsertQDQPass
@@ -125,6 +126,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
         check_position_mask(config.cwac, specs, data)
         stages["load"]["warnings"] = data.warnings()
         _read_parameter_files(config)
+        repairs += repair_from_run(model, next(iter(data)))  # what inference could not see, a run shows
     with _stage("normalize", seconds):
         result = NormalizePass(qcfg.min_opset)(model)
         del model  # each stage's input is dropped once used: big models are held in memory a few times only

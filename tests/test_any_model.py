@@ -273,3 +273,26 @@ def test_fold_check_at_an_output_far_below_its_inputs(tmp_path, seed):
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     _compile_ok(tmp_path, model, _vec_calib(tmp_path / "c.npz"))
+
+
+def test_wrong_declaration_that_inference_cannot_see_is_repaired_from_a_run(tmp_path):
+    """x ─► MatMul ─► h ─► Reshape(h, Compress(Shape(h), Shape(h) > 0)) ─► Softmax ─► y, declared [1, 7, 1].
+    The Reshape's target has a data-dependent length, so shape inference knows nothing of y; the run on the
+    first calibration sample shows [1, 3], and the declaration is repaired before the final check."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Shape", ["h"], ["s"], name="shape"),
+             helper.make_node("Greater", ["s", "zero"], ["keep"], name="positive"),
+             helper.make_node("Compress", ["s", "keep"], ["target"], name="compress", axis=0),
+             helper.make_node("Reshape", ["h", "target"], ["r"], name="reshape"),
+             helper.make_node("Softmax", ["r"], ["y"], name="softmax", axis=-1)]
+    g = helper.make_graph(nodes, "hidden", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 7, 1])],
+                          [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w"),
+                           numpy_helper.from_array(np.array(0, np.int64), "zero")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    qmodel, out = _compile_ok(tmp_path, model, _vec_calib(tmp_path / "c.npz"))
+    assert "but the model returns [1, 3]" in out
+    onnx.checker.check_model(qmodel, full_check=True)
+    assert len(qmodel.graph.output[0].type.tensor_type.shape.dim) == 2

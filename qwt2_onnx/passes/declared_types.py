@@ -16,7 +16,13 @@ inserted node writes such an output.  So at load, before calibration:
   the declaration has no shape, or declares a number where the graph computes a
   symbolic dimension — the inferred type replaces it, and the repair is
   reported.  Where inference knows nothing about an output the declaration is
-  left as it is (onnx's checker then judges it at load).
+  left as it is (onnx's checker then judges it at load);
+* once the calibration data is checked, the model runs on its first sample
+  (:func:`repair_from_run`) and any output whose declaration contradicts what
+  it really returned (rank, a fixed size, the element type) is declared
+  again: the element type it returned and, where the rank was wrong, every
+  dimension symbolic — what inference could not see (a Reshape to a shape
+  computed at run time) the run shows.
 
 The graph the model computes is unchanged; only declarations are rewritten.
 """
@@ -91,5 +97,40 @@ def repair_declared_types(model: onnx.ModelProto) -> list[str]:
         out.type.CopyFrom(itype)
         out.type.tensor_type.elem_type = elem
         repairs.append(f"graph output '{out.name}' was declared with {why}: declaration repaired")
+        logger.info(repairs[-1])
+    return repairs
+
+
+def repair_from_run(model: onnx.ModelProto, feed: dict) -> list[str]:
+    """Repair, in place, the graph-output declarations that contradict what ``model`` returns on ``feed``
+    (see module doc); one line per repair.  A model that does not run is left to the calibrate stage."""
+    import numpy as np
+
+    from ..runtime import make_session
+
+    names = [o.name for o in model.graph.output]
+    try:
+        values = make_session(model, optimized=True).run(names, feed)
+    except Exception as e:  # noqa: BLE001  (the calibrate stage reports a model that does not run)
+        logger.info("output declarations not checked on a sample: %s", str(e)[:200])
+        return []
+    repairs = []
+    for out, value in zip(model.graph.output, values):
+        tt = out.type.tensor_type
+        if not out.type.HasField("tensor_type"):
+            continue
+        value = np.asarray(value)
+        dims, got = _dims(tt), value.shape
+        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        wrong_rank = dims is None or len(dims) != len(got)
+        wrong_size = not wrong_rank and any(isinstance(d, int) and d != g for d, g in zip(dims, got))
+        if not (wrong_rank or wrong_size or tt.elem_type != elem):
+            continue
+        declared = "no shape" if dims is None else str([d if d is not None else "?" for d in dims])
+        new = [f"{out.name}_dim{axis}" if wrong_rank or (isinstance(d, int) and d != g) else d
+               for axis, (d, g) in enumerate(zip(dims if not wrong_rank else [None] * len(got), got))]
+        out.type.CopyFrom(onnx.helper.make_tensor_type_proto(elem, new))
+        repairs.append(f"graph output '{out.name}' was declared {declared} of type {tt.elem_type} but the model "
+                       f"returns {list(got)} of type {elem}: declaration repaired")
         logger.info(repairs[-1])
     return repairs
