@@ -152,11 +152,26 @@ def _matmul_add_bias(node: gs.Node, graph_outputs: set[int]) -> tuple[str, int] 
     return None
 
 
+def _clips_at_zero(node: gs.Node) -> bool:
+    """Relu, or a Clip whose lower bound is a constant 0 (ReLU6 and its kin): an activation whose output
+    range starts at 0, which onnxruntime folds into the QuantizeLinear that follows it."""
+    if node.op == "Relu":
+        return True
+    if node.op != "Clip":
+        return False
+    lo = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
+    if lo is None:
+        return float(node.attrs.get("min", -np.inf)) == 0.0  # opset < 11 keeps the bounds as attributes
+    return isinstance(lo, gs.Constant) and lo.values.size == 1 and float(np.asarray(lo.values).reshape(-1)[0]) == 0.0
+
+
 def _output_point(node: gs.Node, graph_outputs: set[int]) -> str | None:
+    """Where a Conv's output is quantized: after a following Relu or ReLU6-like Clip (their range starts at
+    0, so the 8 bits are not spent on negative values the activation throws away), else its own output."""
     out = node.outputs[0]
     if id(out) in graph_outputs:
         return None
-    if len(out.outputs) == 1 and out.outputs[0].op == "Relu" and id(out.outputs[0].outputs[0]) not in graph_outputs:
+    if len(out.outputs) == 1 and _clips_at_zero(out.outputs[0]) and id(out.outputs[0].outputs[0]) not in graph_outputs:
         return out.outputs[0].outputs[0].name
     return out.name
 
