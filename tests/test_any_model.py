@@ -296,3 +296,27 @@ def test_wrong_declaration_that_inference_cannot_see_is_repaired_from_a_run(tmp_
     assert "but the model returns [1, 3]" in out
     onnx.checker.check_model(qmodel, full_check=True)
     assert len(qmodel.graph.output[0].type.tensor_type.shape.dim) == 2
+
+
+@pytest.mark.parametrize("act", ["relu6_clip", "clip_from_minus_one"])
+def test_conv_output_is_quantized_after_a_relu6_clip(tmp_path, act):
+    """x ─► Conv ─► Clip(lo, 6) ─► GlobalAveragePool ─► y.  With lo = 0 (ReLU6) the output quantizer reads the
+    Clip's output (range [0, 6]: no code spent on the negatives it throws away) and onnxruntime still runs the
+    Conv as QLinearConv; with lo = -1 it reads the Conv's own output."""
+    rng = np.random.default_rng(0)
+    lo = 0.0 if act == "relu6_clip" else -1.0
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["r"], name="clip"),
+             helper.make_node("GlobalAveragePool", ["r"], ["y"], name="gap")]
+    g = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 1])],
+                          [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+                           numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b"),
+                           numpy_helper.from_array(np.array(lo, np.float32), "lo"),
+                           numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    qmodel, out = _compile_ok(tmp_path, model, calib_npz(tmp_path / "c.npz"))
+    quantized = {n.input[0] for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}
+    assert ("r" in quantized) == (lo == 0.0) and ("c" in quantized) == (lo != 0.0)
+    assert "1/1 layers on integer kernels (QLinearConv×1)" in out
