@@ -781,6 +781,47 @@ def _fid_cell(r: dict | None) -> str:
     return " · ".join(parts[:3]) + (" …" if len(parts) > 3 else "") + f" ({r['wall_s']:.0f}s, {r['peak_rss_mb']:.0f}MB)"
 
 
+# Why ours (W8A8, deployed) is not the most faithful on a model, where it is not: filled in from the analysis of
+# each such case (docs/CORPUS.md shows it beside the numbers).
+WHY_NOT: dict[str, str] = {}
+
+
+def _mean_sqnr(r: dict | None) -> float | None:
+    """Mean over outputs of the SQNR (dB) vs float, or None for a failed / missing run."""
+    if not r or not r.get("ok"):
+        return None
+    vals = [v["sqnr_db"] for k, v in r.get("fidelity", {}).items() if not k.startswith("_") and isinstance(v, dict)
+            and "sqnr_db" in v]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _summary(res: dict) -> list[str]:
+    ours = [r for r in res.values() if r.get("config") in ("ort_w8a8", "trt_w8a8", "ort_w4a8", "ort_w8a8_nocwac")]
+    codes: dict[str, int] = {}
+    for r in ours:
+        key = "prepare failed" if "prepare_error" in r else f"exit {r.get('rc')}" + (" (timeout)" if r.get("timed_out") else "")
+        codes[key] = codes.get(key, 0) + 1
+    tracebacks = sum(1 for r in ours if r.get("traceback"))
+    return [f"Our compiles run so far: {len(ours)}; " + ", ".join(f"{k}: {v}" for k, v in sorted(codes.items()))
+            + f"; Python tracebacks: {tracebacks}.", ""]
+
+
+def _comparison(models: dict, res: dict) -> list[str]:
+    rows = ["## Ours vs onnxruntime and onnxsim (W8A8, deployed)", "",
+            "Mean over outputs of the SQNR (dB) vs float on the evaluation samples; higher is better.  "
+            "`ours` = `--target ort` defaults (CWAC on), `ours plain` = `--no-cwac`.", "",
+            "| model | ours | ours plain | onnxruntime quantize_static | onnxsim quantize_static | ours ≥ best baseline | why not |",
+            "|---|---:|---:|---:|---:|---|---|"]
+    for n in models:
+        vals = [_mean_sqnr(res.get(f"{n}/{c}")) for c in ("ort_w8a8", "ort_w8a8_nocwac", "ort_quantize_static",
+                                                           "onnxsim_quantize_static")]
+        cells = ["—" if v is None else f"{v:.1f}" for v in vals]
+        base = [v for v in vals[2:] if v is not None]
+        verdict = "—" if vals[0] is None or not base else ("yes" if vals[0] >= max(base) - 0.05 else "**no**")
+        rows.append(f"| {n} | " + " | ".join(cells) + f" | {verdict} | {WHY_NOT.get(n, '') if verdict != 'yes' else ''} |")
+    return rows + [""]
+
+
 def render(data: dict, out: pathlib.Path) -> None:
     models = data.get("models", {})
     configs = list(CONFIGS)
@@ -797,8 +838,9 @@ def render(data: dict, out: pathlib.Path) -> None:
         ins = ", ".join(f"{k} {v[0]} {v[1]}" for k, v in m["inputs"].items())
         lines_.append(f"| {n} | {m['family']} | `{m['source']}` | {m['licence']} | {ins} | {m['opset']} | "
                       f"{m['size_mb']} | {m['data']} | {m['note']} |")
-    lines_ += ["", "## Results", "", "| model | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
     res = data["results"]
+    lines_ += ["", "## Summary", ""] + _summary(res) + _comparison(models, res)
+    lines_ += ["## Results", "", "| model | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
     for n in models:
         lines_.append(f"| {n} | " + " | ".join(_fid_cell(res.get(f"{n}/{c}")) for c in configs) + " |")
     fails = [r for r in res.values() if not r.get("ok")]

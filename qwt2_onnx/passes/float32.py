@@ -58,6 +58,7 @@ class Float32Pass:
         return PassResult(model, bool(counts), {k: v for k, v in sorted(counts.items())})
 
     def _graph(self, graph: onnx.GraphProto, counts: collections.Counter) -> None:
+        before = sum(counts.values())
         for i, t in enumerate(graph.initializer):
             if t.data_type in WIDE_OR_NARROW:
                 counts[f"{WIDE_OR_NARROW[t.data_type]}_initializers"] += 1
@@ -77,7 +78,8 @@ class Float32Pass:
                 elif attr.name == _TYPE_ATTRS.get(node.op_type) and attr.i in WIDE_OR_NARROW:
                     counts[f"{WIDE_OR_NARROW[attr.i]}_{node.op_type.lower()}s"] += 1
                     attr.i = TensorProto.FLOAT
-        graph.ClearField("value_info")
+        if sum(counts.values()) > before:  # shapes stay, types changed: normalize infers them again
+            graph.ClearField("value_info")
 
     @staticmethod
     def _subgraph_interface(graph: onnx.GraphProto) -> None:
