@@ -90,6 +90,9 @@ class ImagePreprocess:
         for what, values in (("--mean", self.mean), ("--std", self.std)):
             if len(values) != 3 or not all(np.isfinite(v) for v in values):
                 raise bad(what, values, f"pass 3 finite numbers (R,G,B), e.g. {what} 0.485,0.456,0.406")
+        if self.size[0] * self.size[1] * 3 * 4 > MAX_SAMPLE_BYTES:
+            raise bad("--image-size", self.size, f"one image would take over {MAX_SAMPLE_BYTES // 2**20} MiB as "
+                                                 "float32: pass the model's input size")
         if not all(v > 0 for v in self.std):
             raise bad("--std", self.std, "every standard deviation must be > 0")
         if not (np.isfinite(self.scale) and self.scale > 0):

@@ -70,7 +70,10 @@ class _Main(click.Group):
             where = f" {e.filename}" if e.filename else ""
             _fail(QwtError(f"cannot access{where}: {e.strerror or e}", notes=[f"errno {e.errno}"],
                            fix="check the path, its permissions and the disk; nothing was written"))
-        except KeyboardInterrupt as e:  # Ctrl-C, or errors.Interrupted from SIGINT / SIGTERM (entry.py)
+        except MemoryError:
+            _fail(QwtError("ran out of memory", notes=["nothing was written"],
+                           fix="pass --batch-size 1 and --cwac-cache-mib 0, or run on a machine with more memory"))
+        except KeyboardInterrupt as e:  # Ctrl-C, or errors.Interrupted from SIGINT / SIGTERM / SIGHUP (entry.py)
             _interrupted(getattr(e, "exit_code", 130))
         except Exception:  # noqa: BLE001  (our bug: say so, keep the traceback)
             click.secho("internal error: this is a bug in qwt2-onnx, not in your model or data; please report it "

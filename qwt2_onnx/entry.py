@@ -1,9 +1,9 @@
 """The ``qwt2-onnx`` console script: signal handlers first, then the command line.
 
-SIGINT and SIGTERM (what ``timeout``, docker, Kubernetes and CI runners send)
-both raise :class:`errors.Interrupted`, which unwinds the run like Ctrl-C: every
+SIGINT, SIGTERM (what ``timeout``, docker, Kubernetes and CI runners send) and
+SIGHUP (a closed terminal) all raise :class:`errors.Interrupted`, which unwinds the run like Ctrl-C: every
 staging folder and temporary file is removed on the way out, and the CLI exits
-128 + the signal number (130, 143) saying truthfully what was written.  A
+128 + the signal number (130, 143, 129) saying truthfully what was written.  A
 second signal during that clean-up is ignored, so the clean-up finishes.  The
 handlers are installed before numpy, onnx and onnxruntime are imported, so an
 interrupt during start-up exits as cleanly as one during calibration.
@@ -15,7 +15,7 @@ import sys
 
 from .errors import Interrupted
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def _raise_interrupted(signum: int, frame) -> None:

@@ -80,7 +80,7 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
     start = time.perf_counter()
     try:
         yield
-    except (StageError, CheckFailed):
+    except (StageError, CheckFailed, MemoryError, OSError):  # the CLI says what each of these means
         raise
     except QwtError as e:
         raise StageError(name, e) from None

@@ -221,7 +221,7 @@ def _left_behind(workdir: Path, before: set[str]) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_signal_during_the_cwac_fit_cleans_up(workdir, sig, code):
     """SIGTERM / SIGINT while the CWAC fit holds its stage caches on disk (--cwac-cache-mib 0) and calibration
     has finished: exit 128 + signal, no output, no staging folder, no temporary file."""
@@ -271,6 +271,16 @@ def test_interrupt_after_the_write_says_what_was_written(workdir, monkeypatch):
     assert res.exit_code == 130
     assert "interrupted after writing" in res.output and str(workdir / "o.onnx") in res.output
     assert "nothing was written" not in res.output and (workdir / "o.onnx").is_file()
+
+
+def test_out_of_memory_is_exit_2_and_nothing_written(workdir, monkeypatch):
+    import qwt2_onnx.pipeline as pipeline
+
+    def exhausted(*a, **k):
+        raise MemoryError
+    monkeypatch.setattr(pipeline, "collect_ranges", exhausted)
+    compile_fails_cleanly(workdir, _net(workdir), "--calib", calib_npz(workdir / "c.npz"), "-o", workdir / "o.onnx",
+                          message="ran out of memory")
 
 
 def test_stale_folders_of_dead_runs_are_removed(workdir):
@@ -371,6 +381,7 @@ def test_bad_option_values(workdir, args, message):
     (["--image-size", "8,8", "--mean", "0.5,0.5"], "--mean"),
     (["--image-size", "8,8", "--std", "0,1,1"], "--std"),
     (["--image-size", "8,8", "--scale", "nan"], "--scale"),
+    (["--image-size", "100000,100000"], "one image would take over"),
 ])
 def test_bad_image_options(workdir, args, message):
     from PIL import Image
