@@ -298,23 +298,26 @@ def test_wrong_declaration_that_inference_cannot_see_is_repaired_from_a_run(tmp_
     assert len(qmodel.graph.output[0].type.tensor_type.shape.dim) == 2
 
 
-@pytest.mark.parametrize("act", ["relu6_clip", "clip_from_minus_one"])
+@pytest.mark.parametrize("act", ["relu6_clip", "clip_from_minus_one", "relu6_clip_opset10"])
 def test_conv_output_is_quantized_after_a_relu6_clip(tmp_path, act):
     """x ─► Conv ─► Clip(lo, 6) ─► GlobalAveragePool ─► y.  With lo = 0 (ReLU6) the output quantizer reads the
     Clip's output (range [0, 6]: no code spent on the negatives it throws away) and onnxruntime still runs the
-    Conv as QLinearConv; with lo = -1 it reads the Conv's own output."""
+    Conv as QLinearConv; with lo = -1 it reads the Conv's own output.  At opset 10 the bounds are attributes,
+    which the version converter turns into Constant nodes: they must still be seen as constants."""
     rng = np.random.default_rng(0)
-    lo = 0.0 if act == "relu6_clip" else -1.0
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Clip", ["c", "lo", "hi"], ["r"], name="clip"),
+    lo = -1.0 if act == "clip_from_minus_one" else 0.0
+    opset = 10 if act.endswith("opset10") else 13
+    clip = helper.make_node("Clip", ["c"], ["r"], name="clip", min=lo, max=6.0) if opset == 10 else \
+        helper.make_node("Clip", ["c", "lo", "hi"], ["r"], name="clip")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]), clip,
              helper.make_node("GlobalAveragePool", ["r"], ["y"], name="gap")]
     g = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 1])],
                           [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
                            numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b"),
-                           numpy_helper.from_array(np.array(lo, np.float32), "lo"),
-                           numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+                           *([numpy_helper.from_array(np.array(lo, np.float32), "lo"),
+                              numpy_helper.from_array(np.array(6.0, np.float32), "hi")] if opset == 13 else [])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     qmodel, out = _compile_ok(tmp_path, model, calib_npz(tmp_path / "c.npz"))
     quantized = {n.input[0] for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}

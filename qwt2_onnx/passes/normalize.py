@@ -139,6 +139,8 @@ class NormalizePass:
         if float32:
             stats["float32_inside"] = float32
         stats["opset"] = self._upgrade_opset(model)
+        if "->" in stats["opset"]:  # the version converter writes Clip bounds, Pad pads... as Constant nodes
+            stats["constants_to_initializers"] += constants_to_initializers(model)
         model = self._infer_shapes(model, stats)
         modified = any(v for k, v in stats.items() if k not in ("opset", "shape_inference"))
         return PassResult(model, modified, stats)
