@@ -632,7 +632,11 @@ def _ort_quantize(model: str, calib: str, out: str) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     pre = out + ".pre.onnx"
-    quant_pre_process(model, pre)
+    try:  # onnxruntime's recommended pre-processing; its symbolic shape inference gives up on some models
+        quant_pre_process(model, pre)
+    except Exception as exc:  # noqa: BLE001
+        print(f"quant_pre_process failed ({exc}); quantizing the model as it is", file=sys.stderr)
+        pre = model
     arrays = dict(np.load(calib))
     n = next(iter(arrays.values())).shape[0]
 
