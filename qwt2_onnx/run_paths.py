@@ -54,13 +54,17 @@ def model_files(path: str | os.PathLike, role: str) -> list[Access]:
 
 
 def data_files(source, role: str) -> list[Access]:
-    """A calibration source's files: the file, or the folder and every file in it (none for Python data)."""
+    """A calibration source's files: the file, or the folder and every file in it that the folder reader
+    reads (``.npy``, ``.npz``, images; none for Python data)."""
+    from .calib_data import IMAGE_SUFFIXES
+
     if not isinstance(source, (str, os.PathLike)):
         return []
     p = Path(source)
     found = [Access(p, role)]
     if p.is_dir():
-        found += [Access(f, f"{role} file") for f in sorted(p.iterdir())]
+        found += [Access(f, f"{role} file") for f in sorted(p.iterdir())
+                  if f.suffix.lower() in IMAGE_SUFFIXES | {".npy", ".npz"}]
     return found
 
 

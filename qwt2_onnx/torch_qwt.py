@@ -9,7 +9,8 @@ included, as leaves) and mirrors the default policy of ``policy.py`` / ``InsertQ
   does it: ``s = γ/sqrt(σ²+ε)`` in float64 (ε as the float32 ONNX attribute), ``W' = s·W``,
   ``b' = s·(b − μ) + δ``, cast to float32;
 * activation quantizers, per tensor: every layer's input (read quantized by the layers only), and each
-  Conv's *output point* — its (BN-folded) output, or the output of a single following ReLU — unless it
+  Conv's *output point* — its (BN-folded) output, or the output of a single following ReLU or ReLU6-like
+  clamp at 0 (as ``policy._output_point``) — unless it
   is a module output; an output point is read quantized by every reader;
 * weights per output channel, symmetric narrow range (``quant.quantize_weight``, ``QuantConfig.weight_qmax``:
   [−63, 63] for the default ort target); activations from ``quant.activation_qparams`` on ranges
@@ -353,10 +354,24 @@ def _getattr(obj, target: str):
 
 
 def _is_relu(torch, submodules, node) -> bool:
+    """ReLU, or a clamp whose lower bound is 0 (ReLU6, Hardtanh(0, x), clamp(min=0)): what exports as a Relu
+    or a ``Clip(0, ·)``, after which ``policy._output_point`` puts a Conv's output quantizer."""
     F = torch.nn.functional
-    return ((node.op == "call_module" and type(submodules[node.target]) is torch.nn.ReLU)
-            or (node.op == "call_function" and node.target in (F.relu, torch.relu))
-            or (node.op == "call_method" and node.target == "relu"))
+    if node.op == "call_module":
+        m = submodules[node.target]
+        return type(m) in (torch.nn.ReLU, torch.nn.ReLU6) or (type(m) is torch.nn.Hardtanh and m.min_val == 0)
+    if node.op == "call_function":
+        if node.target in (F.relu, torch.relu, F.relu6):
+            return True
+        if node.target in (torch.clamp, torch.clip):
+            lo = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+            return isinstance(lo, (int, float)) and lo == 0
+        if node.target is F.hardtanh:
+            return node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0) == 0
+        return False
+    return node.op == "call_method" and node.target in ("relu", "relu6") or (
+        node.op == "call_method" and node.target in ("clamp", "clip")
+        and node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None) == 0)
 
 
 def _fold_bn(w: np.ndarray, b: np.ndarray | None, bn) -> tuple[np.ndarray, np.ndarray]:

@@ -274,7 +274,10 @@ def test_efficientnet_lite0_pytorch_cwac_to_folded_int8(tmp_path):
     ref, ref_plain = sim(x).numpy(), sim(x, compensate=False).numpy()
     quant_error = np.abs(f - ref_plain).max()
     assert list(f.argmax(1)) == [285, 967]  # Egyptian cat, espresso
-    assert list(ref.argmax(1)) == [285, 967] and list(ref_plain.argmax(1)) == [285, 967]
+    assert list(ref.argmax(1)) == [285, 967]
+    # plain PTQ: max logit error 0.57 since the output quantizer sits after ReLU6 (2.1 before); on chelsea the
+    # float margin between Egyptian cat (285) and tiger cat (282) is 0.21, so plain may read either
+    assert quant_error < 1.0 and list(ref_plain.argmax(1))[1] == 967
     deployed = ort.InferenceSession(str(tmp_path / "eff.int8.onnx")).run(None, {"image": evalx})[0]
     assert list(deployed.argmax(1)) == [285, 967]
     for path in ("eff.int8.onnx", "eff.unfused.onnx"):
@@ -282,8 +285,9 @@ def test_efficientnet_lite0_pytorch_cwac_to_folded_int8(tmp_path):
         assert list(got.argmax(1)) == [285, 967]
         # Not float rounding: over 50 layers, torch and onnxruntime sum convolutions in different orders, an
         # activation within rounding distance of a .5 tie gets another code, and the 1-LSB change propagates.
-        # Measured: max |ONNX - PyTorch| 0.19-0.25 logits, the same as without CWAC (0.28), against a quantization
-        # error of 2.1 (plain) / 0.74 (CWAC); the tiny-model test above shows the fold itself exact to 1e-5.
-        assert np.abs(got - ref).max() < 0.25 * quant_error
+        # Measured before the ReLU6 output point: max |ONNX - PyTorch| 0.19-0.25 logits, the same as without CWAC
+        # (0.28), against a quantization error of 2.1 (plain) / 0.74 (CWAC); after it: see the commit and README.
+        # The tiny-model test above shows the fold itself exact to 1e-5.
+        assert np.abs(got - ref).max() < 0.5 * quant_error, (np.abs(got - ref).max(), quant_error)
     assert np.abs(f - ref).max() < np.abs(f - ref_plain).max()  # CWAC brought the logits closer to float
     assert time.perf_counter() - start < 600

@@ -835,7 +835,13 @@ def render(data: dict, out: pathlib.Path) -> None:
               "samples; onnxruntime, default optimizations, CPU), then compile wall time and peak RSS of the compile "
               "process.  FAIL = nonzero exit (TB = a Python traceback on stderr).  `ort_quantize_static` is the "
               "baseline: onnxruntime `quant_pre_process` + `quantize_static` (QDQ, per_channel=True, otherwise "
-              "defaults) on the same calibration arrays.", "",
+              "defaults) on the same calibration arrays; `onnxsim_quantize_static` is onnxsim 0.8.1's "
+              "`onnxsim.quantize_static(model, calibration_data=..., per_channel=True)` (its defaults: minmax "
+              "ranges, uint8 activations, Q/DQ on the inputs of Conv/MatMul/Gemm only).  Ours: `ort_w8a8` = "
+              "`--target ort` defaults (CWAC on, 7-bit weights for AVX2 safety, percentile 99.99), `trt_w8a8` = "
+              "`--target trt`, `ort_w4a8` = `--wbits 4`, `ort_w8a8_nocwac` = `--no-cwac`.  Measured on the 2-core "
+              "development machine (x86-64, AVX2 and AVX512-VNNI), one job at a time, niced, beside other work: "
+              "times are indicative.", "",
               "## Models", "", "| model | family | source wheel | licence | inputs (calib) | opset | MB | data | notes |",
               "|---|---|---|---|---|---:|---:|---|---|"]
     for n, m in models.items():
