@@ -614,7 +614,18 @@ def fidelity(name: str, qpath: str) -> dict:
         res[o] = r
     if qouts != outs:
         res["_output_names"] = {"float": outs, "compiled": qouts}
+    res["_kernels"] = integer_kernels(qpath)
     return res
+
+
+def integer_kernels(qpath) -> dict:
+    """How the model runs in onnxruntime (CPU, all optimizations): compute layers on integer kernels vs
+    compute layers left in float.  A QDQ model whose quantizers onnxruntime cannot fuse runs in float."""
+    import onnx
+
+    from qwt2_onnx.inspect_ort import FLOAT_LAYERS, INTEGER_KERNELS, optimized_graph
+    ops = [n.op_type for n in optimized_graph(onnx.load(str(qpath))).graph.node]
+    return {"integer": sum(op in INTEGER_KERNELS for op in ops), "float": sum(op in FLOAT_LAYERS for op in ops)}
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -782,7 +793,9 @@ def _fid_cell(r: dict | None) -> str:
         if "argmax_agree" in v:
             s += f"/{v['argmax_agree']:.2f}"
         parts.append(s)
-    return " · ".join(parts[:3]) + (" …" if len(parts) > 3 else "") + f" ({r['wall_s']:.0f}s, {r['peak_rss_mb']:.0f}MB)"
+    k = r.get("fidelity", {}).get("_kernels")
+    kern = f", int {k['integer']}/{k['integer'] + k['float']}" if k else ""
+    return " · ".join(parts[:3]) + (" …" if len(parts) > 3 else "") + f" ({r['wall_s']:.0f}s, {r['peak_rss_mb']:.0f}MB{kern})"
 
 
 # Why ours (W8A8, deployed) is not the most faithful on a model, where it is not: filled in from the analysis of
@@ -810,19 +823,40 @@ def _summary(res: dict) -> list[str]:
             + f"; Python tracebacks: {tracebacks}.", ""]
 
 
+def _kernels(r: dict | None) -> dict | None:
+    return (r or {}).get("fidelity", {}).get("_kernels") if (r or {}).get("ok") else None
+
+
 def _comparison(models: dict, res: dict) -> list[str]:
     rows = ["## Ours vs onnxruntime and onnxsim (W8A8, deployed)", "",
-            "Mean over outputs of the SQNR (dB) vs float on the evaluation samples; higher is better.  "
-            "`ours` = `--target ort` defaults (CWAC on), `ours plain` = `--no-cwac`.", "",
-            "| model | ours | ours plain | onnxruntime quantize_static | onnxsim quantize_static | ours ≥ best baseline | why not |",
-            "|---|---:|---:|---:|---:|---|---|"]
+            "Mean over outputs of the SQNR (dB) vs float on the evaluation samples; higher is better.  `int k/n`: "
+            "compute layers onnxruntime runs on integer kernels / all compute layers of the deployed graph — a "
+            "model with Q/DQ only on layer inputs (onnxsim's) runs dequantized weights in float kernels, so its "
+            "fidelity is not that of an int8 deployment.  `ours` = `--target ort` defaults (CWAC on), `ours "
+            "plain` = `--no-cwac`.  The verdict compares ours with the best baseline, and with the best baseline "
+            "that really deploys on integer kernels.", "",
+            "| model | ours | ours plain | onnxruntime quantize_static | onnxsim quantize_static | ours ≥ best "
+            "| ours ≥ best int8 deployment | why not |",
+            "|---|---:|---:|---:|---:|---|---|---|"]
     for n in models:
-        vals = [_mean_sqnr(res.get(f"{n}/{c}")) for c in ("ort_w8a8", "ort_w8a8_nocwac", "ort_quantize_static",
-                                                           "onnxsim_quantize_static")]
-        cells = ["—" if v is None else f"{v:.1f}" for v in vals]
-        base = [v for v in vals[2:] if v is not None]
-        verdict = "—" if vals[0] is None or not base else ("yes" if vals[0] >= max(base) - 0.05 else "**no**")
-        rows.append(f"| {n} | " + " | ".join(cells) + f" | {verdict} | {WHY_NOT.get(n, '') if verdict != 'yes' else ''} |")
+        runs = [res.get(f"{n}/{c}") for c in ("ort_w8a8", "ort_w8a8_nocwac", "ort_quantize_static",
+                                               "onnxsim_quantize_static")]
+        vals = [_mean_sqnr(r) for r in runs]
+        cells = []
+        for r, v in zip(runs, vals):
+            k = _kernels(r)
+            cells.append("—" if v is None else f"{v:.1f}" + (f" (int {k['integer']}/{k['integer'] + k['float']})"
+                                                               if k else ""))
+        base = [(v, _kernels(r)) for r, v in zip(runs[2:], vals[2:]) if v is not None]
+        int8 = [v for v, k in base if k and k["integer"] > 0]
+        verdict = "—" if vals[0] is None or not base else (
+            "yes" if vals[0] >= max(v for v, _ in base) - 0.05 else "**no**")
+        verdict8 = "—" if vals[0] is None or not int8 else ("yes" if vals[0] >= max(int8) - 0.05 else "**no**")
+        why = WHY_NOT.get(n, "")
+        if verdict == "**no**" and not why and verdict8 != "**no**":
+            why = "the better baseline runs in float in onnxruntime (no integer kernel), not an int8 deployment"
+        rows.append(f"| {n} | " + " | ".join(cells) + f" | {verdict} | {verdict8} | "
+                    f"{why if '**no**' in (verdict, verdict8) else ''} |")
     return rows + [""]
 
 
@@ -878,6 +912,9 @@ def main(argv=None) -> int:
     r.add_argument("--json", default="docs/corpus_results.json")
     r.add_argument("--force", action="store_true")
     r.add_argument("--timeout", type=float, default=900)
+    fa = sub.add_parser("refidelity", help="recompute the fidelity of every compiled model on record")
+    fa.add_argument("--json", default="docs/corpus_results.json")
+    fa.add_argument("--out", default="docs/CORPUS.md")
     g = sub.add_parser("report")
     g.add_argument("--out", default="docs/CORPUS.md")
     g.add_argument("--json", default="docs/corpus_results.json")
@@ -905,6 +942,16 @@ def main(argv=None) -> int:
         return cmd_run(a)
     elif a.cmd == "report":
         render(_load_results(pathlib.Path(a.json)), pathlib.Path(a.out))
+    elif a.cmd == "refidelity":
+        jpath = pathlib.Path(a.json)
+        data = _load_results(jpath)
+        for key, r in data["results"].items():
+            q = corpus_dir() / "out" / r["model"] / f"{r['config']}.onnx"
+            if r.get("ok") and q.is_file():
+                r["fidelity"] = run_fidelity(r["model"], q)
+                print(key, r["fidelity"].get("_kernels"), flush=True)
+        jpath.write_text(json.dumps(data, indent=1))
+        render(data, pathlib.Path(a.out))
     elif a.cmd == "_ortq":
         _ort_quantize(a.model, a.calib, a.out)
     elif a.cmd == "_osq":
