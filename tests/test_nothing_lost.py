@@ -6,7 +6,6 @@ docs/ROBUSTNESS.md lists the classes and what each now does.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -20,12 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from qwt2_onnx.cli import main
-from test_robustness import _tree, compile_fails_cleanly
+from test_robustness import _digest, _tree, compile_fails_cleanly
 from tiny_models import calib_npz, conv_net, matmul_add
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _net(workdir: Path, name: str = "m.onnx") -> Path:
