@@ -152,41 +152,97 @@ def fold_comparisons(fold: FoldCheck, tol: Tolerance, names: tuple[str, str],
     return [forced, free]
 
 
-def deployed_comparison(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: CalibrationSet,
-                        batch_size: int, names: tuple[str, str]) -> Comparison:
-    """Fused with integer kernels (optimizations on) vs unfused simulated: outputs and activation codes in LSBs."""
-    codes = activation_quantizers(unfused)
-    code_types = {c: t for c, (t, _) in codes.items()}
-    srcs = {src: onnx.TensorProto.FLOAT for _, src in codes.values()}
-    dep = make_session(with_outputs(fused, code_types), optimized=True)
-    sim = make_session(with_outputs(unfused, {**code_types, **srcs}), optimized=False)
-    outputs = [o.name for o in unfused.graph.output]
-    scales = _lsb_scales(unfused)
-    q_scales = {c: scales.get(src) for c, (_, src) in codes.items()}
-    acc = {o: DiffAccumulator(o) for o in outputs}
-    hist: dict[int, int] = {}
-    ties = 0
-    want_dep, want_sim = outputs + list(codes), outputs + list(codes) + list(srcs)
-    size = batch_size_within(data, batch_size, lambda f: [*dep.run(want_dep, f), *sim.run(want_sim, f)])
-    for feed, _ in batches(data, size):
-        d = dict(zip(want_dep, dep.run(want_dep, feed)))
-        s = dict(zip(want_sim, sim.run(want_sim, feed)))
-        for o in outputs:
-            acc[o].update(s[o], d[o])
-        for c, (_, src) in codes.items():
+class DeployedAccumulator:
+    """Comparison 2's statistics: the fused graph deployed (``dep_fetch``: outputs and activation codes)
+    vs the unfused one simulated (``sim_fetch``: also each code's float input, to count rounding ties)."""
+
+    def __init__(self, fused: onnx.ModelProto, unfused: onnx.ModelProto):
+        self.codes = activation_quantizers(unfused)
+        self.outputs = [o.name for o in unfused.graph.output]
+        self.dep_fetch = {c: t for c, (t, _) in self.codes.items()}
+        self.sim_fetch = {**self.dep_fetch, **{src: onnx.TensorProto.FLOAT for _, src in self.codes.values()}}
+        self.scales = _lsb_scales(unfused)
+        self.q_scales = {c: self.scales.get(src) for c, (_, src) in self.codes.items()}
+        self.acc = {o: DiffAccumulator(o) for o in self.outputs}
+        self.hist: dict[int, int] = {}
+        self.ties = 0
+
+    def update(self, d: dict[str, np.ndarray], s: dict[str, np.ndarray]) -> None:
+        for o in self.outputs:
+            self.acc[o].update(s[o], d[o])
+        for c, (_, src) in self.codes.items():
             diff = np.abs(d[c].astype(np.int32) - s[c].astype(np.int32)).ravel()
             for v, k in enumerate(np.bincount(diff)):
                 if k:
-                    hist[v] = hist.get(v, 0) + int(k)
+                    self.hist[v] = self.hist.get(v, 0) + int(k)
             moved = np.flatnonzero(diff)
-            if q_scales[c] and moved.size:
-                frac = np.abs(np.mod(s[src].ravel()[moved].astype(np.float64) / q_scales[c], 1.0) - 0.5)
-                ties += int(np.count_nonzero(frac < 1e-3))
-    outs = {o: a.result(scales.get(o)) for o, a in acc.items()}
-    return Comparison("fused (deployed: onnxruntime integer kernels) vs unfused (float simulation)", names[0],
-                      names[1], outs, {}, [],
-                      ["informational: integer kernels requantize with their own rounding; differences are in "
-                       "LSBs of each activation quantizer"], dict(sorted(hist.items())), ties, role="deployed")
+            if self.q_scales[c] and moved.size:
+                frac = np.abs(np.mod(s[src].ravel()[moved].astype(np.float64) / self.q_scales[c], 1.0) - 0.5)
+                self.ties += int(np.count_nonzero(frac < 1e-3))
+
+    def result(self, names: tuple[str, str]) -> Comparison:
+        outs = {o: a.result(self.scales.get(o)) for o, a in self.acc.items()}
+        return Comparison("fused (deployed: onnxruntime integer kernels) vs unfused (float simulation)", names[0],
+                          names[1], outs, {}, [],
+                          ["informational: integer kernels requantize with their own rounding; differences are in "
+                           "LSBs of each activation quantizer"], dict(sorted(self.hist.items())), self.ties,
+                          role="deployed")
+
+
+def deployed_comparison(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: CalibrationSet,
+                        batch_size: int, names: tuple[str, str]) -> Comparison:
+    """Fused with integer kernels (optimizations on) vs unfused simulated: outputs and activation codes in LSBs."""
+    acc = DeployedAccumulator(fused, unfused)
+    dep = make_session(with_outputs(fused, acc.dep_fetch), optimized=True)
+    sim = make_session(with_outputs(unfused, acc.sim_fetch), optimized=False)
+    want_dep, want_sim = acc.outputs + list(acc.dep_fetch), acc.outputs + list(acc.sim_fetch)
+    size = batch_size_within(data, batch_size, lambda f: [*dep.run(want_dep, f), *sim.run(want_sim, f)])
+    for feed, _ in batches(data, size):
+        acc.update(dict(zip(want_dep, dep.run(want_dep, feed))), dict(zip(want_sim, sim.run(want_sim, feed))))
+    return acc.result(names)
+
+
+class LayerAccumulator:
+    """Comparison 3's (and ``diff``'s) statistics: graph outputs, named output parts and every layer present
+    in both models, by node name; ``ref_fetch`` / ``cand_fetch`` are the layer tensors each must return."""
+
+    def __init__(self, ref: onnx.ModelProto, cand: onnx.ModelProto, names: tuple[str, str],
+                 parts: tuple[OutputPart, ...] = ()):
+        r_layers, c_layers = layer_outputs(ref), layer_outputs(cand)
+        layers = [k for k in c_layers if k in r_layers]
+        self.outputs = [o.name for o in ref.graph.output]
+        if [o.name for o in cand.graph.output] != self.outputs:
+            raise QwtError("the two models have different outputs",
+                           notes=[f"{names[0]}: {self.outputs}", f"{names[1]}: {[o.name for o in cand.graph.output]}"],
+                           fix="compare models with the same interface")
+        for p in parts:
+            if p.output not in self.outputs:
+                raise QwtError(f"output part '{p.name}' names an unknown output '{p.output}'",
+                               notes=[f"outputs: {', '.join(self.outputs)}"], fix="use one of the model's output names")
+        self.parts = parts
+        self.r_layers, self.c_layers = {k: r_layers[k] for k in layers}, {k: c_layers[k] for k in layers}
+        self.ref_fetch = {t: onnx.TensorProto.FLOAT for t in self.r_layers.values()}
+        self.cand_fetch = {t: onnx.TensorProto.FLOAT for t in self.c_layers.values()}
+        self.acc = {o: DiffAccumulator(o) for o in self.outputs} | {p.name: DiffAccumulator(p.name) for p in parts}
+        self.lacc = {k: DiffAccumulator(k) for k in layers}
+
+    def update(self, r: dict[str, np.ndarray], c: dict[str, np.ndarray]) -> None:
+        for o in self.outputs:
+            self.acc[o].update(r[o], c[o])
+        for p in self.parts:
+            self.acc[p.name].update(p.take(r[p.output]), p.take(c[p.output]))
+        for k, a in self.lacc.items():
+            a.update(r[self.r_layers[k]], c[self.c_layers[k]])
+
+    def result(self, title: str, names: tuple[str, str], tolerances: dict[str, Tolerance] | None = None,
+               role: str = "diff") -> Comparison:
+        outs = {k: a.result() for k, a in self.acc.items()}
+        verdicts = []
+        if tolerances is not None:
+            default = tolerances.get("*", Tolerance())
+            verdicts = [Verdict.judge(s, tolerances.get(k, default)) for k, s in outs.items()]
+        return Comparison(title, names[0], names[1], outs, {k: a.result() for k, a in self.lacc.items()}, verdicts,
+                          role=role)
 
 
 def layer_comparison(title: str, ref: onnx.ModelProto, cand: onnx.ModelProto, data: CalibrationSet,
@@ -194,40 +250,14 @@ def layer_comparison(title: str, ref: onnx.ModelProto, cand: onnx.ModelProto, da
                      cand_optimized: bool = False, parts: tuple[OutputPart, ...] = (),
                      tolerances: dict[str, Tolerance] | None = None, role: str = "diff") -> Comparison:
     """Outputs (and named parts) and every layer present in both models, by node name."""
-    r_layers, c_layers = layer_outputs(ref), layer_outputs(cand)
-    layers = [k for k in c_layers if k in r_layers]
-    outputs = [o.name for o in ref.graph.output]
-    if [o.name for o in cand.graph.output] != outputs:
-        raise QwtError("the two models have different outputs",
-                       notes=[f"{names[0]}: {outputs}", f"{names[1]}: {[o.name for o in cand.graph.output]}"],
-                       fix="compare models with the same interface")
-    for p in parts:
-        if p.output not in outputs:
-            raise QwtError(f"output part '{p.name}' names an unknown output '{p.output}'",
-                           notes=[f"outputs: {', '.join(outputs)}"], fix="use one of the model's output names")
-    fl = {r_layers[k]: onnx.TensorProto.FLOAT for k in layers}
-    cl = {c_layers[k]: onnx.TensorProto.FLOAT for k in layers}
-    rs = make_session(with_outputs(ref, fl), optimized=ref_optimized)
-    cs = make_session(with_outputs(cand, cl), optimized=cand_optimized)
-    acc = {o: DiffAccumulator(o) for o in outputs} | {p.name: DiffAccumulator(p.name) for p in parts}
-    lacc = {k: DiffAccumulator(k) for k in layers}
-    rn, cn = outputs + list(fl), outputs + list(cl)
+    acc = LayerAccumulator(ref, cand, names, parts)
+    rs = make_session(with_outputs(ref, acc.ref_fetch), optimized=ref_optimized)
+    cs = make_session(with_outputs(cand, acc.cand_fetch), optimized=cand_optimized)
+    rn, cn = acc.outputs + list(acc.ref_fetch), acc.outputs + list(acc.cand_fetch)
     size = batch_size_within(data, batch_size, lambda f: [*rs.run(rn, f), *cs.run(cn, f)])
     for feed, _ in batches(data, size):
-        r = dict(zip(rn, rs.run(rn, feed)))
-        c = dict(zip(cn, cs.run(cn, feed)))
-        for o in outputs:
-            acc[o].update(r[o], c[o])
-        for p in parts:
-            acc[p.name].update(p.take(r[p.output]), p.take(c[p.output]))
-        for k in layers:
-            lacc[k].update(r[r_layers[k]], c[c_layers[k]])
-    outs = {k: a.result() for k, a in acc.items()}
-    verdicts = []
-    if tolerances is not None:
-        default = tolerances.get("*", Tolerance())
-        verdicts = [Verdict.judge(s, tolerances.get(k, default)) for k, s in outs.items()]
-    return Comparison(title, names[0], names[1], outs, {k: a.result() for k, a in lacc.items()}, verdicts, role=role)
+        acc.update(dict(zip(rn, rs.run(rn, feed))), dict(zip(cn, cs.run(cn, feed))))
+    return acc.result(title, names, tolerances, role)
 
 
 def check(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: CalibrationSet, tol: Tolerance = Tolerance(),

@@ -16,24 +16,42 @@ import numpy as np
 # |Δ| histogram edges: 10 bins per decade from 1e-12 to 1e6, plus an underflow bin (exact zeros land there)
 HIST_EDGES = np.logspace(-12, 6, 181)
 STATISTICS = ("max", "p99", "mean")
+CHUNK = 1 << 17  # elements per float64 piece in DiffAccumulator.update: 1 MiB, stays in cache
+
+
+_KEY_SHIFT = 44  # a float64's sign, exponent and top 8 mantissa bits: 2^20 ranges, each 2^-8 of its value wide
+
+
+def _key_table() -> np.ndarray:
+    """Bin (``searchsorted(HIST_EDGES, v, side="right")``) of every float64 whose top 20 bits are the index,
+    or 255 where the range holds an edge, or is negative or NaN: those few values are searched exactly."""
+    lo = (np.arange(1 << 20, dtype=np.uint64) << np.uint64(_KEY_SHIFT)).view(np.float64)
+    hi = ((np.arange(1 << 20, dtype=np.uint64) << np.uint64(_KEY_SHIFT)) | np.uint64((1 << _KEY_SHIFT) - 1)).view(np.float64)
+    with np.errstate(invalid="ignore"):
+        b_lo, b_hi = np.searchsorted(HIST_EDGES, lo, side="right"), np.searchsorted(HIST_EDGES, hi, side="right")
+        table = np.where((b_lo == b_hi) & (lo >= 0) & ~np.isnan(lo) & ~np.isnan(hi), b_lo, 255)
+    return table.astype(np.uint8)
+
+
+_TABLE: np.ndarray | None = None
 
 
 def histogram_bins(e: np.ndarray) -> np.ndarray:
-    """Counts of ``e`` (|Δ| ≥ 0, float64) per HIST_EDGES bin: exactly
-    ``bincount(searchsorted(HIST_EDGES, e, side="right"))``, about twice as fast.  A float32 log10 puts
-    each value within one bin of its own (the bins are 0.1 decades wide), one comparison with each
-    neighbouring edge settles it; NaN lands in the last bin, as searchsorted sorts it."""
-    last = len(HIST_EDGES) - 1
-    counts = np.zeros(len(HIST_EDGES) + 1, np.int64)
-    v = e[e >= HIST_EDGES[0]]
-    nan = int(np.count_nonzero(np.isnan(e)))
-    counts[0], counts[-1] = e.size - v.size - nan, nan
-    with np.errstate(over="ignore"):
-        j = ((np.log10(np.minimum(v, 1e30).astype(np.float32)) + np.float32(12)) * np.float32(10)).astype(np.intp)
-    np.clip(j, 0, last, out=j)
-    j -= v < HIST_EDGES[j]
-    j += (v >= HIST_EDGES[np.minimum(j + 1, last)]) & (j < last)
-    return counts + np.bincount(j + 1, minlength=len(counts))
+    """Counts of ``e`` (|Δ|, float64) per HIST_EDGES bin: exactly
+    ``bincount(searchsorted(HIST_EDGES, e, side="right"))``, several times as fast.  A value's top 20 bits
+    (sign, exponent, 8 mantissa bits) name a range 0.4 % wide; the bins are 26 % wide, so all but the
+    ranges that straddle an edge lie in one bin, read from a table.  The rest (about 1 % of values) are
+    searched."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _key_table()
+    e = np.ascontiguousarray(e, np.float64).reshape(-1)
+    bins = _TABLE[e.view(np.uint64) >> np.uint64(_KEY_SHIFT)]
+    counts = np.bincount(bins, minlength=256)[:len(HIST_EDGES) + 1].astype(np.int64)
+    hard = e[bins == 255]
+    if hard.size:
+        counts += np.bincount(np.searchsorted(HIST_EDGES, hard, side="right"), minlength=len(HIST_EDGES) + 1)
+    return counts
 
 
 @dataclasses.dataclass
@@ -72,29 +90,34 @@ class DiffAccumulator:
         self.hist = np.zeros(len(HIST_EDGES) + 1, np.int64)
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        r = np.asarray(ref, np.float64)
-        c = np.asarray(cand, np.float64)
+        r, c = np.asarray(ref), np.asarray(cand)
         if r.shape != c.shape:
             raise ValueError(f"{self.name}: reference shape {r.shape} != candidate shape {c.shape}")
-        e = np.abs(c - r)
+        rf, cf = r.reshape(-1), c.reshape(-1)
+        for start in range(0, rf.size, CHUNK):  # in float64, a cache-sized piece at a time
+            self._add(rf[start:start + CHUNK].astype(np.float64), cf[start:start + CHUNK].astype(np.float64),
+                      start, r.shape)
+        self.n += rf.size
+        self.samples += r.shape[0] if r.ndim else 1
+
+    def _add(self, r: np.ndarray, c: np.ndarray, offset: int, shape: tuple[int, ...]) -> None:
+        e = c - r
+        np.abs(e, out=e)
         if e.size:
             i = int(np.argmax(e))
-            if e.flat[i] > self.max_abs or not self.worst:
-                self.max_abs = float(e.flat[i])
-                idx = list(np.unravel_index(i, e.shape)) if e.ndim else []
+            if e[i] > self.max_abs or not self.worst:
+                self.max_abs = float(e[i])
+                idx = list(np.unravel_index(offset + i, shape)) if shape else []
                 if idx:
                     idx[0] += self.samples
                 self.worst = [int(v) for v in idx]
-            self.max_ref = max(self.max_ref, float(np.max(np.abs(r))))
-        self.n += e.size
-        self.samples += r.shape[0] if r.ndim else 1
+            self.max_ref = max(self.max_ref, float(r.max()), -float(r.min()))
         self.sum_abs += float(e.sum())
-        rf, cf = r.ravel(), c.ravel()
-        self.sum_ref2 += float(rf @ rf)
-        self.sum_cand2 += float(cf @ cf)
-        self.sum_err2 += float(e.ravel() @ e.ravel())
-        self.sum_dot += float(rf @ cf)
-        self.hist += histogram_bins(e.ravel())
+        self.sum_ref2 += float(r @ r)
+        self.sum_cand2 += float(c @ c)
+        self.sum_err2 += float(e @ e)
+        self.sum_dot += float(r @ c)
+        self.hist += histogram_bins(e)
 
     def result(self, lsb_scale: float | None = None) -> DiffStats:
         den = np.sqrt(self.sum_ref2 * self.sum_cand2)

@@ -123,48 +123,64 @@ def _forced(model: onnx.ModelProto, codes: dict[str, tuple[int, str]], extra: di
     return with_outputs(m, extra)
 
 
+class FoldAccumulator:
+    """The fold check's statistics, sample by sample: fed the free-running outputs and activation codes
+    of both graphs (``fetch``), it runs the forced pair itself on the unfused graph's codes."""
+
+    def __init__(self, fused: onnx.ModelProto, unfused: onnx.ModelProto):
+        codes = activation_quantizers(unfused)
+        if set(activation_quantizers(fused)) != set(codes):
+            only_f = sorted(set(activation_quantizers(fused)) - set(codes))[:5]
+            only_u = sorted(set(codes) - set(activation_quantizers(fused)))[:5]
+            raise QwtError("the two models are not a fused/unfused pair: their activation quantizers differ",
+                           notes=[f"only in the fused model: {only_f}", f"only in the unfused model: {only_u}"],
+                           fix="pass the model compile wrote and the one --emit-unfused wrote in the same run; "
+                               "use 'qwt2-onnx diff' to compare unrelated models")
+        self.codes = codes
+        self.outputs = [o.name for o in unfused.graph.output]
+        f_layers, u_layers = layer_outputs(fused), layer_outputs(unfused)
+        layers = [k for k in u_layers if k in f_layers]
+        self.f_layers, self.u_layers = {k: f_layers[k] for k in layers}, {k: u_layers[k] for k in layers}
+        self.fetch = {c: t for c, (t, _) in codes.items()}  # what each free-running graph must return
+        ul = {t: onnx.TensorProto.FLOAT for t in self.u_layers.values()}
+        fl = {t: onnx.TensorProto.FLOAT for t in self.f_layers.values()}
+        self.forced_u = make_session(_forced(unfused, codes, ul), optimized=False)
+        self.forced_f = make_session(_forced(fused, codes, fl), optimized=False)
+        self.fu_names, self.ff_names = self.outputs + list(ul), self.outputs + list(fl)
+        self.acc = {kind: {o: DiffAccumulator(o) for o in self.outputs} for kind in ("forced", "free")}
+        self.acc_layers = {k: DiffAccumulator(k) for k in layers}
+        self.total = self.flipped = self.worst = 0
+
+    def update(self, feed: dict[str, np.ndarray], u: dict[str, np.ndarray], f: dict[str, np.ndarray]) -> None:
+        """``u``, ``f``: the unfused and fused graphs' free-running outputs and codes on ``feed``."""
+        for c in self.codes:
+            d = np.abs(u[c].astype(np.int32) - f[c].astype(np.int32))
+            self.total, self.flipped = self.total + d.size, self.flipped + int(np.count_nonzero(d))
+            self.worst = max(self.worst, int(d.max()) if d.size else 0)
+        for o in self.outputs:
+            self.acc["free"][o].update(u[o], f[o])
+        feed_codes = {**feed, **{c: u[c] for c in self.codes}}
+        fu = dict(zip(self.fu_names, self.forced_u.run(self.fu_names, feed_codes)))
+        ff = dict(zip(self.ff_names, self.forced_f.run(self.ff_names, feed_codes)))
+        for o in self.outputs:
+            self.acc["forced"][o].update(fu[o], ff[o])
+        for k, a in self.acc_layers.items():
+            a.update(fu[self.u_layers[k]], ff[self.f_layers[k]])
+
+    def result(self) -> FoldCheck:
+        return FoldCheck({o: a.result() for o, a in self.acc["forced"].items()},
+                         {k: a.result() for k, a in self.acc_layers.items()},
+                         {o: a.result() for o, a in self.acc["free"].items()}, self.total, self.flipped, self.worst)
+
+
 def check_fold(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> FoldCheck:
-    codes = activation_quantizers(unfused)
-    if set(activation_quantizers(fused)) != set(codes):
-        only_f = sorted(set(activation_quantizers(fused)) - set(codes))[:5]
-        only_u = sorted(set(codes) - set(activation_quantizers(fused)))[:5]
-        raise QwtError("the two models are not a fused/unfused pair: their activation quantizers differ",
-                       notes=[f"only in the fused model: {only_f}", f"only in the unfused model: {only_u}"],
-                       fix="pass the model compile wrote and the one --emit-unfused wrote in the same run; "
-                           "use 'qwt2-onnx diff' to compare unrelated models")
-    outputs = [o.name for o in unfused.graph.output]
-    f_layers, u_layers = layer_outputs(fused), layer_outputs(unfused)
-    layers = [k for k in u_layers if k in f_layers]
-    fl = {f_layers[k]: onnx.TensorProto.FLOAT for k in layers}
-    ul = {u_layers[k]: onnx.TensorProto.FLOAT for k in layers}
-    code_types = {c: t for c, (t, _) in codes.items()}
-    run_u = make_session(with_outputs(unfused, code_types), optimized=False)
-    run_f = make_session(with_outputs(fused, code_types), optimized=False)
-    forced_u = make_session(_forced(unfused, codes, ul), optimized=False)
-    forced_f = make_session(_forced(fused, codes, fl), optimized=False)
-    names = outputs + [c for c in codes if c not in outputs]
-    acc = {kind: {o: DiffAccumulator(o) for o in outputs} for kind in ("forced", "free")}
-    acc_layers = {k: DiffAccumulator(k) for k in layers}
-    total = flipped = worst = 0
+    """The fold check alone (``qwt2-onnx check``; a compile runs it inside :mod:`verify`'s one pass)."""
+    acc = FoldAccumulator(fused, unfused)
+    run_u = make_session(with_outputs(unfused, acc.fetch), optimized=False)
+    run_f = make_session(with_outputs(fused, acc.fetch), optimized=False)
+    names = acc.outputs + [c for c in acc.codes if c not in acc.outputs]
     # sized by the free-running pair, whose fetches (every activation code) are the larger ones
     size = batch_size_within(data, batch_size, lambda f: [*run_u.run(names, f), *run_f.run(names, f)])
     for feed, _ in batches(data, size):
-        u = dict(zip(names, run_u.run(names, feed)))
-        f = dict(zip(names, run_f.run(names, feed)))
-        for c in codes:
-            d = np.abs(u[c].astype(np.int32) - f[c].astype(np.int32))
-            total, flipped = total + d.size, flipped + int(np.count_nonzero(d))
-            worst = max(worst, int(d.max()) if d.size else 0)
-        for o in outputs:
-            acc["free"][o].update(u[o], f[o])
-        feed_codes = {**feed, **{c: u[c] for c in codes}}
-        fu_names, ff_names = outputs + list(ul), outputs + list(fl)
-        fu = dict(zip(fu_names, forced_u.run(fu_names, feed_codes)))
-        ff = dict(zip(ff_names, forced_f.run(ff_names, feed_codes)))
-        for o in outputs:
-            acc["forced"][o].update(fu[o], ff[o])
-        for k in layers:
-            acc_layers[k].update(fu[u_layers[k]], ff[f_layers[k]])
-    return FoldCheck({o: a.result() for o, a in acc["forced"].items()},
-                     {k: a.result() for k, a in acc_layers.items()},
-                     {o: a.result() for o, a in acc["free"].items()}, total, flipped, worst)
+        acc.update(feed, dict(zip(names, run_u.run(names, feed))), dict(zip(names, run_f.run(names, feed))))
+    return acc.result()

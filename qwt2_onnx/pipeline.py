@@ -1,8 +1,10 @@
 """``compile_model``: the stages of DESIGN.md, top to bottom.
 
     load ─► normalize ─► simplify ─► fold BN ─► plan ─► calibrate ─► insert Q/DQ
-         ─► fit CWAC ─► fold CWAC (fused vs unfused check) ─► lint (trt) ─► write
-         ─► onnxruntime fusion report ─► fidelity summary
+         ─► fit CWAC ─► fold CWAC ─► lint (trt) ─► verify ─► write ─► onnxruntime fusion report
+
+``verify`` is one pass over the evaluation samples (:mod:`verify`): the fused vs unfused fold check that
+gates the write, the report's comparisons and the fidelity summary.
 
 Each stage's failure is re-raised as a ``StageError`` naming the stage.
 """
@@ -20,21 +22,13 @@ import onnx_graphsurgeon as gs
 
 from .calib_data import CalibrationSet, InputSpec, open_calibration
 from .calibrate import collect_ranges
-from .checker import (
-    CheckReport,
-    data_summary,
-    deployed_comparison,
-    fold_comparisons,
-    layer_comparison,
-    now,
-)
+from .checker import CheckReport, data_summary, fold_comparisons, now
 from .config import CompileConfig
 from .cwac import build_graphs, constrain_full_range, load_cwac_params
 from .cwac_fit import CwacFit, check_position_mask, fit_compensations, gate_given, layer_report
 from .diffstats import Tolerance
-from .equivalence import check_fold
 from .errors import CheckFailed, QwtError, StageError
-from .fidelity import FidelityReport, measure_fidelity
+from .fidelity import FidelityReport
 from .graph_io import export_model
 from .inspect_ort import FusionReport, fusion_report
 from .model_io import AtomicOutputs, read_model
@@ -48,6 +42,7 @@ from .passes.trt_lint import TrtLintPass
 from .policy import QuantPlan, coarse_weight_grids, plan_from_qdq, plan_quantization, quantized_op_types
 from .report import dumps, render_html
 from .run_paths import Access, check_run_paths, data_files, model_files
+from .verify import Verification, verify_compile
 
 logger = logging.getLogger(__name__)
 
@@ -242,24 +237,26 @@ def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_
         with _stage("fold", seconds):
             unfused, fused, stages["fold"] = build_graphs(plain, cwac.compensations, int32_bias=qcfg.target == "ort",
                                                           float_bias=float_bias)
-            fold = check_fold(fused, unfused, eval_part, config.calib.batch_size)
-            stages["fold"]["check"] = fold.summary()
     with _stage("lint", seconds):
         qmodel = _lint_and_export(gs.import_onnx(fused), qcfg)
-    report = None
-    if config.check:
-        with _stage("check", seconds):
-            report = _compile_report(float_model, plain, qmodel, unfused, fold, cwac, stages, eval_part, config)
+    report = checks = None
+    if fused is not plain or config.check or measure:
+        with _stage("verify", seconds):  # the fold check, the report's comparisons, the fidelity summary: one pass
+            checks = verify_compile(float_model, plain, qmodel, unfused if fused is not plain else None, eval_part,
+                                    report=config.check, fidelity=measure, held_out=held_out)
+            fold = checks.fold
+            if fold is not None:
+                stages["fold"]["check"] = fold.summary()
+            if config.check:
+                report = _compile_report(checks, cwac, stages, eval_part, config)
     with _stage("write", seconds):
         _write(qmodel, unfused if unfused_path else None, report, fold, output_path, unfused_path,
                external, config.external_data_above)
-    fusion = fidelity = None
+    fusion = None
     if measure:
         with _stage("inspect", seconds):
             fusion = fusion_report(qmodel, _integer_weights(qmodel, plan))
-        with _stage("fidelity", seconds):
-            fidelity = measure_fidelity(float_model, qmodel, eval_part, config.calib.batch_size, held_out,
-                                        baseline=plain if cwac and cwac.compensations else None)
+    fidelity: FidelityReport | None = checks.fidelity if checks is not None else None
     return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds, cwac, plain, report)
 
 
@@ -324,21 +321,16 @@ def _lint_and_export(graph: gs.Graph, qcfg) -> onnx.ModelProto:
     return qmodel
 
 
-def _compile_report(float_model, plain, qmodel, unfused, fold, cwac, stages, data, config) -> CheckReport:
-    """Comparisons 1-3 of DESIGN.md §5 on the held-out samples, plus the per-layer CWAC records."""
-    bs, tol = config.calib.batch_size, Tolerance(rtol=FOLD_TOLERANCE)
+def _compile_report(checks: Verification, cwac, stages, data, config) -> CheckReport:
+    """Comparisons 1-3 of DESIGN.md §5 on the evaluation samples, plus the per-layer CWAC records."""
+    tol = Tolerance(rtol=FOLD_TOLERANCE)
     comparisons = []
-    if fold is not None:
-        comparisons += fold_comparisons(fold, tol, ("unfused", "fused"),
+    if checks.fold is not None:
+        comparisons += fold_comparisons(checks.fold, tol, ("unfused", "fused"),
                                         Tolerance(atol=FOLD_OUTPUT_ATOL, rtol=FOLD_TOLERANCE))
-        comparisons.append(deployed_comparison(qmodel, unfused, data, bs, ("unfused", "fused")))
-    comparisons.append(layer_comparison("plain PTQ (float simulation) vs float", float_model, plain, data, bs,
-                                        ("float", "plain PTQ"), role="plain_vs_float"))
-    if fold is not None:
-        comparisons.append(layer_comparison("CWAC (fused, float simulation) vs float", float_model, qmodel, data, bs,
-                                            ("float", "CWAC"), role="cwac_vs_float"))
+    comparisons += [c for c in (checks.deployed, checks.plain_vs_float, checks.cwac_vs_float) if c is not None]
     layers = layer_report(cwac, stages["fold"]["strategies"]) if cwac is not None else []
-    return CheckReport("compile", {"output": "the compiled model"}, data_summary(data, bs), comparisons, now(), layers,
+    return CheckReport("compile", {"output": "the compiled model"}, data_summary(data, config.calib.batch_size), comparisons, now(), layers,
                        cwac.gate_record() if cwac is not None else None)
 
 

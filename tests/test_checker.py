@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.cli import main
-from qwt2_onnx.config import CwacConfig
+from qwt2_onnx.config import CalibConfig, CwacConfig
 from qwt2_onnx.diffstats import HIST_EDGES, DiffAccumulator, Tolerance, Verdict, histogram_bins
 from tiny_models import conv_net
 
@@ -161,6 +161,23 @@ def test_compile_report_is_deterministic_but_for_its_timestamp(compiled, tmp_pat
     a.pop("created"), b.pop("created")
     assert a == b
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_compile_checks_do_not_depend_on_the_batch_size(compiled, tmp_path):
+    """The checks, the report and the fidelity summary run one sample per call (``verify``), like the fit:
+    ``--batch-size`` is a memory knob, and no number a pipeline gates on moves with it."""
+    d, _ = compiled
+    results = {}
+    for bs in (1, 8):
+        cfg = CompileConfig(quant=QuantConfig(wbits=4), cwac=CwacConfig(target="global"), holdout_samples=8,
+                            calib=CalibConfig(batch_size=bs))
+        results[bs] = compile_model(d / "m.onnx", d / "data.npz", tmp_path / f"b{bs}.onnx", cfg)
+    a, b = (json.loads((tmp_path / f"b{bs}.report.json").read_text()) for bs in (1, 8))
+    a.pop("created"), b.pop("created")
+    assert a == b and a["comparisons"]
+    assert (tmp_path / "b1.onnx").read_bytes() == (tmp_path / "b8.onnx").read_bytes()
+    f1, f8 = results[1].fidelity, results[8].fidelity
+    assert f1 == f8 and f1.samples == 8 and f1.baseline is not None
 
 
 def _chromium() -> str | None:

@@ -260,7 +260,7 @@ def test_interrupt_after_the_write_says_what_was_written(workdir, monkeypatch):
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(pipeline, "measure_fidelity", interrupted)  # the stage after the write
+    monkeypatch.setattr(pipeline, "fusion_report", interrupted)  # the stage after the write
     model, calib = _net(workdir), calib_npz(workdir / "c.npz")
     res = CliRunner().invoke(main, ["compile", str(model), "--calib", str(calib), "-o", str(workdir / "o.onnx")])
     assert res.exit_code == 130

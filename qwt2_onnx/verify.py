@@ -1,0 +1,127 @@
+"""A compile's checks in one pass: every model runs once per sample, and every comparison reads those runs.
+
+A compile compares five graphs on the evaluation samples::
+
+    float (optimized) ──┬─ plain PTQ (simulated) ........ comparison 3, plain vs float   + fidelity baseline
+                        ├─ CWAC fused (simulated) ....... comparison 3, CWAC vs float    + fidelity simulated
+                        └─ CWAC fused (deployed) ........ fidelity deployed
+    CWAC unfused (simulated) ─┬─ CWAC fused (simulated) . comparison 1, the fold check (forced + free)
+                              └─ CWAC fused (deployed) .. comparison 2, deployed vs simulated
+
+Each graph runs once per sample (one sample per call, like the CWAC fit, so that no number depends on
+``--batch-size``), fetching what all its comparisons need, and its tensors are dropped as soon as the
+comparisons that read them are fed: at most three graphs' tensors are held at once.  The statistics are
+the accumulators of :mod:`equivalence` and :mod:`checker`; the standalone ``check_fold``,
+``deployed_comparison`` and ``layer_comparison`` (the ``check`` and ``diff`` commands) use the same ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+
+from .calib_data import CalibrationSet
+from .checker import Comparison, DeployedAccumulator, LayerAccumulator
+from .diffstats import DiffAccumulator
+from .equivalence import FoldAccumulator, FoldCheck
+from .fidelity import FidelityReport
+from .runtime import batches, make_session, with_outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """What the pass measured; ``None`` where it was not asked for."""
+
+    fold: FoldCheck | None  # comparison 1 (CWAC only)
+    deployed: Comparison | None  # comparison 2 (CWAC and report)
+    plain_vs_float: Comparison | None  # comparison 3 (report)
+    cwac_vs_float: Comparison | None  # comparison 3 (CWAC and report)
+    fidelity: FidelityReport | None
+
+
+class _Graph:
+    """One graph's session, fetching its outputs and ``fetch``."""
+
+    def __init__(self, model: onnx.ModelProto, optimized: bool, fetch: dict[str, int]):
+        outputs = [o.name for o in model.graph.output]
+        self.names = outputs + [t for t in fetch if t not in outputs]
+        self.session = make_session(with_outputs(model, fetch) if fetch else model, optimized=optimized)
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(self.names, feed)))
+
+
+def _outputs(model: onnx.ModelProto) -> dict[str, DiffAccumulator]:
+    return {o.name: DiffAccumulator(o.name) for o in model.graph.output}
+
+
+def verify_compile(float_model: onnx.ModelProto, plain: onnx.ModelProto, qmodel: onnx.ModelProto,
+                   unfused: onnx.ModelProto | None, data: CalibrationSet, *, report: bool, fidelity: bool,
+                   held_out: bool) -> Verification:
+    """The compile's checks on ``data``.  ``unfused`` is the CWAC graph before folding (``None`` without
+    CWAC: then ``qmodel`` is ``plain``); ``report``: comparisons 2 and 3; ``fidelity``: the summary."""
+    cwac = unfused is not None
+    names = ("unfused", "fused")
+    fold = FoldAccumulator(qmodel, unfused) if cwac else None
+    deployed = DeployedAccumulator(qmodel, unfused) if cwac and report else None
+    plain_cmp = LayerAccumulator(float_model, plain, ("float", "plain PTQ")) if report else None
+    cwac_cmp = LayerAccumulator(float_model, qmodel, ("float", "CWAC")) if cwac and report else None
+    fid = {kind: _outputs(float_model) for kind in ("simulated", "deployed") + (("baseline",) if cwac else ())} \
+        if fidelity else {}
+
+    f_fetch = {**(plain_cmp.ref_fetch if plain_cmp else {}), **(cwac_cmp.ref_fetch if cwac_cmp else {})}
+    g_float = _Graph(float_model, True, f_fetch)
+    g_plain = _Graph(plain, False, plain_cmp.cand_fetch if plain_cmp else {}) \
+        if plain_cmp or not cwac or "baseline" in fid else None
+    g_unfused = g_fused = g_deployed = None
+    if cwac:
+        g_unfused = _Graph(unfused, False, {**fold.fetch, **(deployed.sim_fetch if deployed else {})})
+        g_fused = _Graph(qmodel, False, {**fold.fetch, **(cwac_cmp.cand_fetch if cwac_cmp else {})})
+    if deployed or fidelity:
+        g_deployed = _Graph(qmodel, True, deployed.dep_fetch if deployed else {})
+
+    def feed_fidelity(kind: str, f: dict, c: dict) -> None:
+        for o, a in fid.get(kind, {}).items():
+            a.update(f[o], c[o])
+
+    samples = 0
+    for feed, n in batches(data, 1):
+        samples += n
+        f = g_float.run(feed)
+        c = None
+        if g_plain is not None:
+            p = g_plain.run(feed)
+            if plain_cmp:
+                plain_cmp.update(f, p)
+            feed_fidelity("baseline" if cwac else "simulated", f, p)
+            c = None if cwac else p
+            del p
+        u = None
+        if cwac:
+            u = g_unfused.run(feed)
+            c = g_fused.run(feed)
+            fold.update(feed, u, c)
+            if cwac_cmp:
+                cwac_cmp.update(f, c)
+            feed_fidelity("simulated", f, c)
+        del c
+        if g_deployed is not None:
+            d = g_deployed.run(feed)
+            if deployed:
+                deployed.update(d, u)
+            feed_fidelity("deployed", f, d)
+            del d
+        del f, u
+    fid_report = None
+    if fidelity:
+        result = {kind: {o: a.result() for o, a in accs.items()} for kind, accs in fid.items()}
+        fid_report = FidelityReport(result["simulated"], result["deployed"], samples, held_out, result.get("baseline"))
+    return Verification(
+        fold.result() if fold else None,
+        deployed.result(names) if deployed else None,
+        plain_cmp.result("plain PTQ (float simulation) vs float", ("float", "plain PTQ"), role="plain_vs_float")
+        if plain_cmp else None,
+        cwac_cmp.result("CWAC (fused, float simulation) vs float", ("float", "CWAC"), role="cwac_vs_float")
+        if cwac_cmp else None,
+        fid_report)
