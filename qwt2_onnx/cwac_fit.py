@@ -337,8 +337,10 @@ class _StagedFit:
                 maps = {name: fit_affine(sums[("fit", name)], self.cfg.lam, self.cfg.max_gain,
                                          keep_spread=name in self.heads) for name in names}
             qout = dict(zip(qseg.outputs, qsess.run(list(qseg.outputs), {t: qcache.get(b, t) for t in qseg.inputs})))
+            _cache_extra(q_plan, k, qout, qcache, b)
             if fsess is not None:
                 fout = dict(zip(fseg.outputs, fsess.run(list(fseg.outputs), {t: fcache.get(b, t) for t in fseg.inputs})))
+                _cache_extra(f_plan, k, fout, fcache, b)
                 for name in names:
                     if self.fpoints[name] in f_plan.last_use:
                         fcache.put(b, self.fpoints[name], fout[self.fpoints[name]])
@@ -389,6 +391,12 @@ class _StagedFit:
             t = self.inits[f"{comp.layer}_cwac_{suffix}"]
             shape = tuple(t.dims)
             t.CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32).reshape(shape), t.name))
+
+
+def _cache_extra(plan: SegmentPlan, k: int, out: dict[str, np.ndarray], cache: TensorCache, b: int) -> None:
+    """Cache what segment ``k`` computed for later segments besides its stage's points (``SegmentPlan``)."""
+    for t in plan.segments[k].outputs[plan.own_outputs[k]:]:
+        cache.put(b, t, out[t])
 
 
 @dataclasses.dataclass

@@ -64,22 +64,40 @@ class Segment:
 
 
 class SegmentPlan:
-    """The segment of each stage of ``model`` (its node list must be topologically sorted)."""
+    """The segment of each stage of ``model`` (its node list must be topologically sorted).
+
+    A segment stops at the graph inputs, at earlier stages' points, and at any other tensor an earlier
+    segment computed from the inputs: that segment returns it as an extra output (``Segment.outputs``
+    after the stage's own points) and the fit caches it.  Without that, a tensor that bypasses every
+    stage point — a transformer's or a ResNet's residual stream — would be recomputed from the graph
+    inputs by every later segment (MiniLM: segment k held ~10k nodes and a copy of the 47 MB embedding
+    table), and the fit would grow with the square of the depth.  Only tensors that read no point of
+    their own stage or a later one are reused: they depend on compensations of earlier stages only,
+    which never change once fitted, so the cached tensor is the one recomputing it would give, bit for
+    bit.  (A segment can reach a later stage's point where a subgraph reads it from the outer scope.)"""
 
     def __init__(self, model: onnx.ModelProto, stage_outputs: list[list[str]]):
         graph = model.graph
         self.producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
         constants = {t.name for t in graph.initializer}
         graph_inputs = {i.name for i in graph.input} - constants
+        dynamic = set(graph_inputs)  # tensors that depend on a graph input (the rest are constants)
+        for n in graph.node:
+            if _node_inputs(n) & dynamic:
+                dynamic.update(o for o in n.output if o)
         available = set(graph_inputs)
-        self.segments: list[Segment] = []
-        for outputs in stage_outputs:
+        computed: dict[str, int] = {}  # dynamic tensor -> the earlier segment that computed it
+        plans: list[tuple[set[int], set[str], list[str]]] = []
+        for k, outputs in enumerate(stage_outputs):
             nodes, inputs = set(), set()
             stack = [o for o in outputs if o not in available]
             inputs.update(o for o in outputs if o in available)
             seen = set(stack)
             while stack:
                 name = stack.pop()
+                if name in computed:  # an earlier segment returns it (below) and the fit caches it
+                    inputs.add(name)
+                    continue
                 idx = self.producer.get(name)
                 if idx is None:
                     if name not in constants:
@@ -92,8 +110,24 @@ class SegmentPlan:
                     elif i not in seen:
                         seen.add(i)
                         stack.append(i)
-            self.segments.append(Segment(tuple(sorted(nodes)), tuple(sorted(inputs)), tuple(outputs)))
+            for name in inputs:
+                j = computed.get(name)
+                if j is not None and name not in plans[j][2]:
+                    plans[j][2].append(name)
+            plans.append((nodes, inputs, list(outputs)))
             available.update(outputs)
+            # reusable: what does not read a point of this stage or a later one (through a subgraph's
+            # outer-scope read a segment can reach a later stage's point, whose compensation is not fitted yet)
+            tainted = {t for later in stage_outputs[k:] for t in later}
+            for idx in sorted(nodes):
+                node = graph.node[idx]
+                if _node_inputs(node) & tainted:
+                    tainted.update(o for o in node.output if o)
+                    continue
+                computed.update((o, k) for o in node.output if o in dynamic and o not in available)
+        self.segments = [Segment(tuple(sorted(nodes)), tuple(sorted(inputs)), tuple(outputs))
+                         for nodes, inputs, outputs in plans]
+        self.own_outputs = [len(outputs) for outputs in stage_outputs]  # the stage's points come first
         last: dict[str, int] = {}
         for k, seg in enumerate(self.segments):
             for name in seg.inputs:
@@ -109,7 +143,9 @@ class SegmentPlan:
         inits = [t for t in src.initializer if t.name in used]
         inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(input_types[n])), None)
                   for n in seg.inputs]
-        outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in seg.outputs]
+        own = self.own_outputs[k]  # the stage's points are float; the extra outputs keep their own types
+        outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in seg.outputs[:own]]
+        outputs += [onnx.ValueInfoProto(name=n) for n in seg.outputs[own:]]
         graph = helper.make_graph(nodes, f"segment_{k}", inputs, outputs, initializer=inits)
         out = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
         out.functions.extend(model.functions)
