@@ -113,10 +113,12 @@ class DiffAccumulator:
                 self.worst = [int(v) for v in idx]
             self.max_ref = max(self.max_ref, float(r.max()), -float(r.min()))
         self.sum_abs += float(e.sum())
-        self.sum_ref2 += float(r @ r)
-        self.sum_cand2 += float(c @ c)
-        self.sum_err2 += float(e @ e)
-        self.sum_dot += float(r @ c)
+        # einsum, not BLAS: a threaded BLAS dot stalls for milliseconds on a busy machine (ppocr_det's check
+        # took 120 s instead of 10 with another job running) and splits its sums by the number of threads
+        self.sum_ref2 += float(np.einsum("i,i->", r, r))
+        self.sum_cand2 += float(np.einsum("i,i->", c, c))
+        self.sum_err2 += float(np.einsum("i,i->", e, e))
+        self.sum_dot += float(np.einsum("i,i->", r, c))
         self.hist += histogram_bins(e)
 
     def result(self, lsb_scale: float | None = None) -> DiffStats:
