@@ -143,13 +143,30 @@ def layer_report(fit: CwacFit, strategies: dict[str, str]) -> list[dict]:
     return rows
 
 
+def outer_reads(node: gs.Node) -> set[str]:
+    """Names a node's subgraphs (If branches, Loop and Scan bodies) read from the enclosing graph."""
+    names: set[str] = set()
+    for value in node.attrs.values():
+        for g in (value if isinstance(value, list) else [value]):
+            if not isinstance(g, gs.Graph):
+                continue
+            local = {t.name for t in g.inputs} | {t.name for n in g.nodes for t in n.outputs}
+            for n in g.nodes:
+                names.update(t.name for t in n.inputs if t.name and t.name not in local
+                             and not isinstance(t, gs.Constant))
+                names |= outer_reads(n) - local
+    return names
+
+
 def layer_stages(graph: gs.Graph, layers: list[str]) -> dict[str, int]:
-    """Stage of each layer: 1 + max stage of quantized layers upstream."""
+    """Stage of each layer: 1 + max stage of quantized layers upstream, through subgraphs' outer-scope
+    reads too (a layer behind an If whose branch reads another layer's output comes after it)."""
     wanted = set(layers)
     depth: dict[str, int] = {}  # tensor name -> max stage upstream
     stages = {}
     for node in graph.toposort().nodes:
-        d = max((depth.get(t.name, 0) for t in node.inputs), default=0)
+        d = max([depth.get(t.name, 0) for t in node.inputs] + [depth.get(t, 0) for t in outer_reads(node)],
+                default=0)
         if node.name in wanted:
             d += 1
             stages[node.name] = d

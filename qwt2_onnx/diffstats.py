@@ -75,6 +75,10 @@ class DiffStats:
     def max_lsb(self) -> float | None:
         return self.max_abs / self.lsb_scale if self.lsb_scale else None
 
+    def brief(self) -> dict[str, float]:
+        """SQNR, cosine and max |Δ|, rounded: a fidelity cell of the benchmark and zoo tables."""
+        return {"sqnr_db": round(self.sqnr_db, 3), "cosine": round(self.cosine, 6), "max_abs": self.max_abs}
+
     def statistic(self, which: str) -> float:
         return {"max": self.max_abs, "p99": self.p99_abs, "mean": self.mean_abs}[which]
 

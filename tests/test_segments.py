@@ -62,3 +62,56 @@ def test_what_reads_a_later_stage_point_is_recomputed():
     assert plan.segments[1].inputs == ("p1",) and "p1" in plan.segments[0].outputs  # computed before: reused
     assert {names[i] for i in plan.segments[2].nodes} == {"comp1", "mm2"}  # c1 read p1: recomputed
     assert "c1" not in plan.segments[0].outputs
+
+
+def _if_between_layers():
+    """x -> conv_a -> y1; If(cond) reads y1 from the outer scope; its output -> conv_b -> out."""
+    rng = np.random.default_rng(0)
+    branch = helper.make_graph([helper.make_node("Relu", ["y1"], ["t"])], "branch", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    inits = [helper.make_tensor("wa", TensorProto.FLOAT, [4, 3, 3, 3], rng.normal(size=108).tolist()),
+             helper.make_tensor("wb", TensorProto.FLOAT, [2, 4, 1, 1], rng.normal(size=8).tolist()),
+             helper.make_tensor("low", TensorProto.FLOAT, [], [-1e9])]
+    nodes = [helper.make_node("ReduceMax", ["x"], ["xmax"], name="xmax", keepdims=0),  # a condition onnxsim
+             helper.make_node("Greater", ["xmax", "low"], ["cond"], name="cond"),  # cannot fold away
+             helper.make_node("Conv", ["x", "wa"], ["y1"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("If", ["cond"], ["y2"], name="if", then_branch=branch, else_branch=branch),
+             helper.make_node("Conv", ["y2", "wb"], ["out"], name="conv_b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2, 8, 8])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_layer_behind_a_subgraph_read_comes_a_stage_later():
+    """Stages count a subgraph's outer-scope reads as inputs: conv_b, fed through an If whose branches read
+    conv_a's output, is fitted after conv_a is compensated (it used to share stage 1 with it: silero's
+    decoder was fitted before its encoders)."""
+    import onnx_graphsurgeon as gs
+
+    from qwt2_onnx.cwac_fit import layer_stages
+
+    assert layer_stages(gs.import_onnx(_if_between_layers()), ["conv_a", "conv_b"]) == {"conv_a": 1, "conv_b": 2}
+
+
+def test_staged_fit_through_a_subgraph_equals_whole_prefix_reruns(tmp_path):
+    from qwt2_onnx import CompileConfig, QuantConfig, compile_model
+    from qwt2_onnx.calib_data import CalibrationSet, InputSpec
+    from qwt2_onnx.config import CwacConfig
+    from qwt2_onnx.cwac_fit import staged_fit
+    from qwt2_onnx.cwac_reference import prefix_staged_fit
+    import onnx
+
+    onnx.save(_if_between_layers(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(16)]
+    res = compile_model(tmp_path / "m.onnx", calib, tmp_path / "q.onnx", CompileConfig(
+        quant=QuantConfig(wbits=4), cwac=CwacConfig(enabled=False), holdout_samples=0), measure=False)
+    data = CalibrationSet(lambda: iter(calib), InputSpec.from_model(res.float_model), "test", len(calib))
+    cfg = CwacConfig(target="global")
+    comps, fits = staged_fit(res.float_model, res.plain_model, res.plan, data, "global", cfg, batch_size=4)
+    ref = prefix_staged_fit(res.float_model, res.plain_model, res.plan, data, cfg, batch_size=4)
+    assert sorted(f.stage for f in fits) == [1, 2] and set(comps) == set(ref) and ref
+    for name, comp in ref.items():
+        np.testing.assert_array_equal(comps[name].gain, comp.gain)
+        np.testing.assert_array_equal(comps[name].bias, comp.bias)

@@ -269,11 +269,11 @@ class PartSession:
     """``zoo_eval.MeasuredSession`` plus SQNR / cosine per output part (``PARTS``)."""
 
     def __init__(self, sess, fsess, parts: dict):
-        from qwt2_onnx.metrics import ErrorStats
+        from qwt2_onnx.diffstats import DiffAccumulator
         from zoo_eval import MeasuredSession
 
         self._ms, self._float, self._parts = MeasuredSession(sess, fsess), fsess, parts
-        self.part_stats = {p: ErrorStats() for p in parts}
+        self.part_stats = {p: DiffAccumulator(p) for p in parts}
 
     def __getattr__(self, attr):
         return getattr(self._ms, attr)
@@ -292,7 +292,7 @@ class PartSession:
 
     def summary(self) -> dict:
         whole = self._ms.summary()
-        return {**whole, **{p: s.as_dict() for p, s in self.part_stats.items() if s.n}}
+        return {**whole, **{p: s.result().brief() for p, s in self.part_stats.items() if s.n}}
 
 
 def n_params(m) -> int:

@@ -61,10 +61,10 @@ class MeasuredSession:
     (output SQNR / cosine vs float over the task's evaluation inputs)."""
 
     def __init__(self, sess, float_sess):
-        from qwt2_onnx.metrics import ErrorStats
+        from qwt2_onnx.diffstats import DiffAccumulator
 
         self._sess, self._float = sess, float_sess
-        self.stats = {o.name: ErrorStats() for o in sess.get_outputs()}
+        self.stats = {o.name: DiffAccumulator(o.name) for o in sess.get_outputs()}
 
     def __getattr__(self, attr):
         return getattr(self._sess, attr)
@@ -77,7 +77,7 @@ class MeasuredSession:
         return out
 
     def summary(self) -> dict:
-        return {n: s.as_dict() for n, s in self.stats.items()}
+        return {n: s.result().brief() for n, s in self.stats.items()}
 
 
 def evaluate(task, path: str, fsess) -> tuple[dict, dict]:
