@@ -142,10 +142,11 @@ class FoldAccumulator:
         layers = [k for k in u_layers if k in f_layers]
         self.f_layers, self.u_layers = {k: f_layers[k] for k in layers}, {k: u_layers[k] for k in layers}
         self.fetch = {c: t for c, (t, _) in codes.items()}  # what each free-running graph must return
+        self.free_names = self.outputs + [c for c in codes if c not in self.outputs]  # ... and update reads
         ul = {t: onnx.TensorProto.FLOAT for t in self.u_layers.values()}
         fl = {t: onnx.TensorProto.FLOAT for t in self.f_layers.values()}
-        self.forced_u = make_session(_forced(unfused, codes, ul), optimized=False)
-        self.forced_f = make_session(_forced(fused, codes, fl), optimized=False)
+        self.forced_u = make_session(_forced(unfused, codes, ul), optimized=False, arena=False)
+        self.forced_f = make_session(_forced(fused, codes, fl), optimized=False, arena=False)
         self.fu_names, self.ff_names = self.outputs + list(ul), self.outputs + list(fl)
         self.acc = {kind: {o: DiffAccumulator(o) for o in self.outputs} for kind in ("forced", "free")}
         self.acc_layers = {k: DiffAccumulator(k) for k in layers}
@@ -178,7 +179,7 @@ def check_fold(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: Calibrati
     acc = FoldAccumulator(fused, unfused)
     run_u = make_session(with_outputs(unfused, acc.fetch), optimized=False)
     run_f = make_session(with_outputs(fused, acc.fetch), optimized=False)
-    names = acc.outputs + [c for c in acc.codes if c not in acc.outputs]
+    names = acc.free_names
     # sized by the free-running pair, whose fetches (every activation code) are the larger ones
     size = batch_size_within(data, batch_size, lambda f: [*run_u.run(names, f), *run_f.run(names, f)])
     for feed, _ in batches(data, size):

@@ -16,12 +16,16 @@ from .model_io import runnable
 logger = logging.getLogger(__name__)
 
 
-def make_session(model: onnx.ModelProto | str, optimized: bool = True, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session; ``optimized=False`` is float simulation (no QDQ fusion)."""
+def make_session(model: onnx.ModelProto | str, optimized: bool = True, threads: int = 0,
+                 arena: bool = True) -> ort.InferenceSession:
+    """A CPU session; ``optimized=False`` is float simulation (no QDQ fusion).  ``arena=False``: onnxruntime
+    returns a run's buffers when the run ends instead of keeping them for the next (for sessions that live
+    side by side: each arena grows to its largest run and stays there)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = arena
     if threads:
         so.intra_op_num_threads = threads
     try:

@@ -10,7 +10,7 @@ A compile compares five graphs on the evaluation samples::
 
 Each graph runs once per sample (one sample per call, like the CWAC fit, so that no number depends on
 ``--batch-size``), fetching what all its comparisons need, and its tensors are dropped as soon as the
-comparisons that read them are fed: at most three graphs' tensors are held at once.  The statistics are
+comparisons that read them are fed.  The statistics are
 the accumulators of :mod:`equivalence` and :mod:`checker`; the standalone ``check_fold``,
 ``deployed_comparison`` and ``layer_comparison`` (the ``check`` and ``diff`` commands) use the same ones.
 """
@@ -46,7 +46,7 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto, optimized: bool, fetch: dict[str, int]):
         outputs = [o.name for o in model.graph.output]
         self.names = outputs + [t for t in fetch if t not in outputs]
-        self.session = make_session(with_outputs(model, fetch) if fetch else model, optimized=optimized)
+        self.session = make_session(with_outputs(model, fetch) if fetch else model, optimized=optimized, arena=False)
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(self.names, feed)))
@@ -85,8 +85,9 @@ def verify_compile(float_model: onnx.ModelProto, plain: onnx.ModelProto, qmodel:
         for o, a in fid.get(kind, {}).items():
             a.update(f[o], c[o])
 
+    outputs = [o.name for o in float_model.graph.output]
     samples = 0
-    for feed, n in batches(data, 1):
+    for feed, n in batches(data, 1):  # each graph's tensors are dropped as soon as what reads them is fed
         samples += n
         f = g_float.run(feed)
         c = None
@@ -99,20 +100,22 @@ def verify_compile(float_model: onnx.ModelProto, plain: onnx.ModelProto, qmodel:
             del p
         u = None
         if cwac:
-            u = g_unfused.run(feed)
             c = g_fused.run(feed)
-            fold.update(feed, u, c)
             if cwac_cmp:
                 cwac_cmp.update(f, c)
             feed_fidelity("simulated", f, c)
-        del c
+            c = {t: c[t] for t in fold.free_names}  # the fold check needs only the outputs and the codes
+            f = {o: f[o] for o in outputs}
+            u = g_unfused.run(feed)
         if g_deployed is not None:
             d = g_deployed.run(feed)
             if deployed:
                 deployed.update(d, u)
             feed_fidelity("deployed", f, d)
             del d
-        del f, u
+        if cwac:  # last, with the least held: it runs the forced pair, whose fetches are the largest
+            fold.update(feed, {t: u[t] for t in fold.free_names}, c)
+        del c, f, u
     fid_report = None
     if fidelity:
         result = {kind: {o: a.result() for o, a in accs.items()} for kind, accs in fid.items()}
