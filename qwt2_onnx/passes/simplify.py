@@ -8,6 +8,7 @@ still has the same graph inputs and outputs; otherwise the original is kept.
 from __future__ import annotations
 
 import logging
+import sys
 
 import onnx
 
@@ -18,6 +19,22 @@ logger = logging.getLogger(__name__)
 
 def _io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+
+
+def _import_onnxsim():
+    """``import onnxsim``, without the torch import its package runs for an optional PPQ bridge (which
+    then fails on PPQ itself: ``onnxsim.ppq_integration``): 1.2 s of every compile here.  Where torch is
+    already imported, or onnxsim is, nothing is hidden."""
+    if "onnxsim" in sys.modules or "torch" in sys.modules:
+        import onnxsim
+
+        return onnxsim
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError meanwhile
+    try:
+        import onnxsim
+    finally:
+        del sys.modules["torch"]
+    return onnxsim
 
 
 class SimplifyPass:
@@ -34,8 +51,7 @@ class SimplifyPass:
             return PassResult(model, False, {"onnxsim": "skipped: model over 2 GB (it would copy every weight "
                                                         "several times); constants are folded by onnxruntime"})
         try:
-            import onnxsim
-
+            onnxsim = _import_onnxsim()
             simplified, ok = onnxsim.simplify(model, check_n=0, skip_fuse_bn=True)
         except Exception as e:  # onnxsim fails on some real models: that is not fatal
             note = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
