@@ -28,6 +28,19 @@ from corpus import corpus_dir  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("ppocr_det", "ppocr_rec", "minilm_l6")
 TOP = 12
+FLOAT_PASS = """
+import sys, time, numpy as np, onnxruntime as ort
+so = ort.SessionOptions(); so.log_severity_level = 3
+sess = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+data = np.load(sys.argv[2])
+n = len(data[data.files[0]])
+feeds = [{k: data[k][i:i + 1] for k in data.files} for i in range(n)]
+sess.run(None, feeds[0])
+t0 = time.perf_counter()
+for f in feeds:
+    sess.run(None, f)
+print(time.perf_counter() - t0)
+"""
 
 
 def _cpu() -> str:
@@ -48,6 +61,10 @@ def profile(model: str, work: Path) -> dict:
         raise SystemExit(f"{model}: compile exited {proc.returncode}\n{proc.stderr[-2000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("time:"))
     stages = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)s", line)}
+    # one float forward pass over the same samples, one per call, optimized: what the fit is measured against
+    float_pass = subprocess.run([sys.executable, "-c", FLOAT_PASS, str(src / "model.onnx"), str(src / "calib.npz")],
+                                capture_output=True, text=True, check=True)
+    stages["float_pass"] = float(float_pass.stdout.strip())
     stats = pstats.Stats(str(prof))
     rows = []
     for (file, lineno, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():
@@ -69,6 +86,11 @@ def render(results: dict[str, dict]) -> str:
             "|---|---:|" + "---:|" * len(stage_names)]
     for model, r in results.items():
         out.append(f"| {model} | {r['wall']:.1f} | " + " | ".join(f"{r['stages'].get(s, 0):.1f}" for s in stage_names) + " |")
+    out += ["", "`float_pass`: one forward pass of the float model over the same samples (onnxruntime, optimized, "
+            "one sample per call, after a warm-up run), in its own process without cProfile.  The CWAC fit "
+            "costs, in float passes: " + ", ".join(
+                f"{m} {r['stages'].get('cwac_fit', 0) / max(r['stages']['float_pass'], 1e-9):.0f}x"
+                for m, r in results.items()) + "."]
     for model, r in results.items():
         out += ["", f"## Hot calls: {model}", "", "| self s | total s | calls | function |", "|---:|---:|---:|---|"]
         out += [f"| {t:.1f} | {c:.1f} | {n} | `{f}` |" for t, c, n, f in r["hot"]]
