@@ -53,7 +53,7 @@ from .passes.fold_compensation import weight_shape
 from .passes.insert_compensation import InsertCompensationPass, compensation_point
 from .policy import QuantPlan
 from .runtime import batches, make_session, per_sample, with_outputs
-from .segments import SegmentPlan, TensorCache
+from .segments import SegmentPlan, TensorCache, node_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -143,35 +143,20 @@ def layer_report(fit: CwacFit, strategies: dict[str, str]) -> list[dict]:
     return rows
 
 
-def outer_reads(node: gs.Node) -> set[str]:
-    """Names a node's subgraphs (If branches, Loop and Scan bodies) read from the enclosing graph."""
-    names: set[str] = set()
-    for value in node.attrs.values():
-        for g in (value if isinstance(value, list) else [value]):
-            if not isinstance(g, gs.Graph):
-                continue
-            local = {t.name for t in g.inputs} | {t.name for n in g.nodes for t in n.outputs}
-            for n in g.nodes:
-                names.update(t.name for t in n.inputs if t.name and t.name not in local
-                             and not isinstance(t, gs.Constant))
-                names |= outer_reads(n) - local
-    return names
-
-
-def layer_stages(graph: gs.Graph, layers: list[str]) -> dict[str, int]:
+def layer_stages(model: onnx.ModelProto, layers: list[str]) -> dict[str, int]:
     """Stage of each layer: 1 + max stage of quantized layers upstream, through subgraphs' outer-scope
-    reads too (a layer behind an If whose branch reads another layer's output comes after it)."""
+    reads too (a layer behind an If whose branch reads another layer's output comes after it).  The
+    model's nodes must be in topological order, as the passes leave them."""
     wanted = set(layers)
     depth: dict[str, int] = {}  # tensor name -> max stage upstream
     stages = {}
-    for node in graph.toposort().nodes:
-        d = max([depth.get(t.name, 0) for t in node.inputs] + [depth.get(t, 0) for t in outer_reads(node)],
-                default=0)
+    for node in model.graph.node:
+        d = max((depth.get(t, 0) for t in node_inputs(node)), default=0)
         if node.name in wanted:
             d += 1
             stages[node.name] = d
-        for t in node.outputs:
-            depth[t.name] = d
+        for t in node.output:
+            depth[t] = d
     return stages
 
 
@@ -269,7 +254,7 @@ class _StagedFit:
         qgraph = gs.import_onnx(qmodel)
         nodes = {n.name: n for n in qgraph.nodes}
         self.layers = [lp.node for lp in plan.layers]
-        self.stages = layer_stages(qgraph, self.layers)
+        self.stages = layer_stages(qmodel, self.layers)
         self.points = {name: compensation_point(nodes[name]).name for name in self.layers}
         fgraph = gs.import_onnx(float_model)
         fnodes = {n.name: n for n in fgraph.nodes}

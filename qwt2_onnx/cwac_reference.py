@@ -27,7 +27,7 @@ def prefix_staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     qgraph = gs.import_onnx(qmodel)
     nodes = {n.name: n for n in qgraph.nodes}
     layers = [lp.node for lp in plan.layers]
-    stages = layer_stages(qgraph, layers)
+    stages = layer_stages(qmodel, layers)
     points = {name: compensation_point(nodes[name]).name for name in layers}
     axes = {lp.node: _axis(lp.op) for lp in plan.layers}
     parts = _Parts.split(data, cfg, batch_size)

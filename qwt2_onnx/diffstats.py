@@ -10,6 +10,7 @@ tolerance that would have passed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -22,6 +23,7 @@ CHUNK = 1 << 17  # elements per float64 piece in DiffAccumulator.update: 1 MiB, 
 _KEY_SHIFT = 44  # a float64's sign, exponent and top 8 mantissa bits: 2^20 ranges, each 2^-8 of its value wide
 
 
+@functools.cache
 def _key_table() -> np.ndarray:
     """Bin (``searchsorted(HIST_EDGES, v, side="right")``) of every float64 whose top 20 bits are the index,
     or 255 where the range holds an edge, or is negative or NaN: those few values are searched exactly."""
@@ -33,20 +35,14 @@ def _key_table() -> np.ndarray:
     return table.astype(np.uint8)
 
 
-_TABLE: np.ndarray | None = None
-
-
 def histogram_bins(e: np.ndarray) -> np.ndarray:
     """Counts of ``e`` (|Δ|, float64) per HIST_EDGES bin: exactly
     ``bincount(searchsorted(HIST_EDGES, e, side="right"))``, several times as fast.  A value's top 20 bits
     (sign, exponent, 8 mantissa bits) name a range 0.4 % wide; the bins are 26 % wide, so all but the
     ranges that straddle an edge lie in one bin, read from a table.  The rest (about 1 % of values) are
     searched."""
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = _key_table()
     e = np.ascontiguousarray(e, np.float64).reshape(-1)
-    bins = _TABLE[e.view(np.uint64) >> np.uint64(_KEY_SHIFT)]
+    bins = _key_table()[e.view(np.uint64) >> np.uint64(_KEY_SHIFT)]
     counts = np.bincount(bins, minlength=256)[:len(HIST_EDGES) + 1].astype(np.int64)
     hard = e[bins == 255]
     if hard.size:

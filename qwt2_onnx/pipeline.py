@@ -330,8 +330,8 @@ def _compile_report(checks: Verification, cwac, stages, data, config) -> CheckRe
                                         Tolerance(atol=FOLD_OUTPUT_ATOL, rtol=FOLD_TOLERANCE))
     comparisons += [c for c in (checks.deployed, checks.plain_vs_float, checks.cwac_vs_float) if c is not None]
     layers = layer_report(cwac, stages["fold"]["strategies"]) if cwac is not None else []
-    return CheckReport("compile", {"output": "the compiled model"}, data_summary(data, config.calib.batch_size), comparisons, now(), layers,
-                       cwac.gate_record() if cwac is not None else None)
+    return CheckReport("compile", {"output": "the compiled model"}, data_summary(data, config.calib.batch_size),
+                       comparisons, now(), layers, cwac.gate_record() if cwac is not None else None)
 
 
 def _write(qmodel, unfused, report, fold, output_path: Path, unfused_path, external: bool,

@@ -52,7 +52,8 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _node_inputs(node: onnx.NodeProto) -> set[str]:
+def node_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every tensor a node reads: its inputs and what its subgraphs read from the enclosing graph."""
     return {i for i in node.input if i} | _subgraph_inputs(node)
 
 
@@ -83,7 +84,7 @@ class SegmentPlan:
         graph_inputs = {i.name for i in graph.input} - constants
         dynamic = set(graph_inputs)  # tensors that depend on a graph input (the rest are constants)
         for n in graph.node:
-            if _node_inputs(n) & dynamic:
+            if node_inputs(n) & dynamic:
                 dynamic.update(o for o in n.output if o)
         available = set(graph_inputs)
         computed: dict[str, int] = {}  # dynamic tensor -> the earlier segment that computed it
@@ -104,7 +105,7 @@ class SegmentPlan:
                         raise KeyError(f"tensor {name!r} has no producer")
                     continue
                 nodes.add(idx)
-                for i in _node_inputs(graph.node[idx]):
+                for i in node_inputs(graph.node[idx]):
                     if i in available:
                         inputs.add(i)
                     elif i not in seen:
@@ -121,7 +122,7 @@ class SegmentPlan:
             tainted = {t for later in stage_outputs[k:] for t in later}
             for idx in sorted(nodes):
                 node = graph.node[idx]
-                if _node_inputs(node) & tainted:
+                if node_inputs(node) & tainted:
                     tainted.update(o for o in node.output if o)
                     continue
                 computed.update((o, k) for o in node.output if o in dynamic and o not in available)
@@ -139,7 +140,7 @@ class SegmentPlan:
         seg = self.segments[k]
         src = model.graph
         nodes = [src.node[i] for i in seg.nodes]
-        used = set().union(*(_node_inputs(n) for n in nodes)) if nodes else set()
+        used = set().union(*(node_inputs(n) for n in nodes)) if nodes else set()
         inits = [t for t in src.initializer if t.name in used]
         inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(input_types[n])), None)
                   for n in seg.inputs]

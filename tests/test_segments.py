@@ -87,11 +87,9 @@ def test_a_layer_behind_a_subgraph_read_comes_a_stage_later():
     """Stages count a subgraph's outer-scope reads as inputs: conv_b, fed through an If whose branches read
     conv_a's output, is fitted after conv_a is compensated (it used to share stage 1 with it: silero's
     decoder was fitted before its encoders)."""
-    import onnx_graphsurgeon as gs
-
     from qwt2_onnx.cwac_fit import layer_stages
 
-    assert layer_stages(gs.import_onnx(_if_between_layers()), ["conv_a", "conv_b"]) == {"conv_a": 1, "conv_b": 2}
+    assert layer_stages(_if_between_layers(), ["conv_a", "conv_b"]) == {"conv_a": 1, "conv_b": 2}
 
 
 def test_staged_fit_through_a_subgraph_equals_whole_prefix_reruns(tmp_path):

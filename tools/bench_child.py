@@ -29,8 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def _prefix_fit(float_model, qmodel, plan, data, cfg, batch_size=8, progress=None):
     """Drop-in for ``fit_compensations``: the reference fit (global target) + the same output-level gate."""
-    import onnx_graphsurgeon as gs
-
     from qwt2_onnx.cwac_fit import CwacFit, _Parts, _unfused, layer_stages
     from qwt2_onnx.cwac_gate import output_error
     from qwt2_onnx.cwac_reference import prefix_staged_fit
@@ -42,7 +40,7 @@ def _prefix_fit(float_model, qmodel, plan, data, cfg, batch_size=8, progress=Non
     scores["global"] = output_error(float_model, _unfused(qmodel, comps), parts.hold, batch_size) if comps \
         else scores["none"]
     target = "global" if comps and scores["global"] < scores["none"] else "none"
-    stages = layer_stages(gs.import_onnx(qmodel), [lp.node for lp in plan.layers])
+    stages = layer_stages(qmodel, [lp.node for lp in plan.layers])
     return CwacFit(comps if target == "global" else {}, target, [], scores, max(stages.values(), default=0),
                    time.perf_counter() - t0)
 
