@@ -456,9 +456,3 @@ def export_cmd(factory, shapes, output, input_names, output_names, opset, static
     result = export(module, examples, output, input_names=list(input_names) or None,
                     output_names=list(output_names) or None, opset=opset, dynamic_batch=not static_batch)
     click.echo(result.summary())
-
-
-if __name__ == "__main__":
-    from .entry import main as entry_main
-
-    entry_main()

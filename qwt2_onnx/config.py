@@ -116,7 +116,7 @@ class CalibConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CwacConfig:
-    """QwT-v2 channel-wise affine compensation (see ``cwac_fit``).
+    """QwT-v2 channel-wise affine compensation (see ``cwac.fit``).
 
     ``target``: ``global`` (the float model's tensor), ``local`` (the float
     layer on the quantized model's input) or ``auto`` (fit both, keep the one

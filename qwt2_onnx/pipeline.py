@@ -24,8 +24,11 @@ from .calib_data import CalibrationSet, InputSpec, open_calibration
 from .calibrate import collect_ranges
 from .checker import CheckReport, data_summary, fold_comparisons, now
 from .config import CompileConfig
-from .cwac import build_graphs, constrain_full_range, load_cwac_params
-from .cwac_fit import CwacFit, check_position_mask, fit_compensations, gate_given, layer_report
+from .cwac.fit import check_position_mask, fit_compensations
+from .cwac.fold import build_graphs, constrain_full_range
+from .cwac.gate import gate_given
+from .cwac.params import load_cwac_params
+from .cwac.records import CwacFit
 from .diffstats import Tolerance
 from .errors import CheckFailed, QwtError, StageError
 from .fidelity import FidelityReport
@@ -42,11 +45,12 @@ from .passes.trt_lint import TrtLintPass
 from .policy import QuantPlan, coarse_weight_grids, plan_from_qdq, plan_quantization, quantized_op_types
 from .report import dumps, render_html
 from .run_paths import Access, check_run_paths, data_files, model_files
+from .runtime import try_run
 from .verify import Verification, verify_compile
 
 logger = logging.getLogger(__name__)
 
-MIN_CWAC_SAMPLES = 4  # fewer cannot be split into a fit part and a held-out part (cwac_fit._Parts)
+MIN_CWAC_SAMPLES = 4  # fewer cannot be split into a fit part and a held-out part (cwac.gate.Parts)
 FOLD_TOLERANCE = 1e-5  # fused vs unfused, same activation codes, max relative difference at any output
 # ... plus, at graph outputs only, a few float32 ulps of 1: an output far smaller than the values it is
 # computed from (a Sigmoid or Softmax near 0, a difference of two O(1) numbers) carries their absolute
@@ -121,7 +125,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
         check_position_mask(config.cwac, specs, data)
         stages["load"]["warnings"] = data.warnings()
         _read_parameter_files(config)
-        repairs += repair_from_run(model, next(iter(data)))  # what inference could not see, a run shows
+        repairs += repair_from_run(model, try_run(model, next(iter(data))))  # what inference could not see, a run shows
     with _stage("normalize", seconds):
         result = NormalizePass(qcfg.min_opset)(model)
         del model  # each stage's input is dropped once used: big models are held in memory a few times only
@@ -195,7 +199,7 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
                            notes=[f"{name}: {why}" for name, why in list(plan.skipped.items())[:10]],
                            fix="pass the float model the QDQ model was quantized from; node names must match")
         # a bias-free layer that onnxruntime runs in float gets a float bias, not one more DQ op in the graph
-        float_layers = frozenset(fusion_report(plain, _integer_weights(plain, plan)).float_) \
+        float_layers = frozenset(fusion_report(plain, plan.integer_weights(plain)).float_) \
             if config.quant.target == "ort" and config.cwac.enabled else frozenset()
     calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
     return _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_out, config, output_path,
@@ -255,7 +259,7 @@ def _compensate_and_write(float_model, plain, plan, calib_part, eval_part, held_
     fusion = None
     if measure:
         with _stage("inspect", seconds):
-            fusion = fusion_report(qmodel, _integer_weights(qmodel, plan))
+            fusion = fusion_report(qmodel, plan.integer_weights(qmodel))
     fidelity: FidelityReport | None = checks.fidelity if checks is not None else None
     return CompileResult(output_path, qmodel, float_model, plan, stages, fusion, fidelity, seconds, cwac, plain, report)
 
@@ -329,7 +333,7 @@ def _compile_report(checks: Verification, cwac, stages, data, config) -> CheckRe
         comparisons += fold_comparisons(checks.fold, tol, ("unfused", "fused"),
                                         Tolerance(atol=FOLD_OUTPUT_ATOL, rtol=FOLD_TOLERANCE))
     comparisons += [c for c in (checks.deployed, checks.plain_vs_float, checks.cwac_vs_float) if c is not None]
-    layers = layer_report(cwac, stages["fold"]["strategies"]) if cwac is not None else []
+    layers = cwac.layer_rows(stages["fold"]["strategies"]) if cwac is not None else []
     return CheckReport("compile", {"output": "the compiled model"}, data_summary(data, config.calib.batch_size),
                        comparisons, now(), layers, cwac.gate_record() if cwac is not None else None)
 
@@ -375,16 +379,3 @@ def _refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
                    fix=("add --float-model FLOAT.onnx (the float original) to fit and fold CWAC on its own "
                         "quantization grid (upgrade mode), or pass the float model instead") if qdq else
                        "pass the float model instead")
-
-
-def _integer_weights(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, str]:
-    """layer -> the name of its integer weight (the input of its weight DequantizeLinear)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    nodes = {n.name: n for n in model.graph.node}
-    out = {}
-    for lp in plan.layers:
-        dq = producer.get(nodes[lp.node].input[1]) if lp.node in nodes else None
-        out[lp.node] = dq.input[0] if dq is not None and dq.op_type == "DequantizeLinear" else lp.weight
-    return out
-
-

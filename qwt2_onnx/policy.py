@@ -27,9 +27,11 @@ import logging
 import re
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .config import QuantConfig
+from .graph_queries import integer_weights, output_axis
 from .quant import integer_range
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,10 @@ class QuantPlan:
     @property
     def output_points(self) -> set[str]:
         return {lp.output for lp in self.layers if lp.output}
+
+    def integer_weights(self, model: onnx.ModelProto) -> dict[str, str]:
+        """layer -> the name of its integer weight in ``model`` (``graph_queries.integer_weights``)."""
+        return integer_weights(model, [(lp.node, lp.weight) for lp in self.layers])
 
 
 def _pattern_matches(pattern: str, name: str) -> bool:
@@ -237,14 +243,6 @@ def _dq_of_constant(t: gs.Tensor) -> gs.Node | None:
         return dq if isinstance(dq.inputs[0], gs.Constant) else None
     return None
 
-
-def output_axis(node: gs.Node) -> int:
-    """The output-channel axis of a layer's weight (Conv 0, ConvTranspose / MatMul 1, Gemm by transB)."""
-    if node.op in ("Conv",):
-        return 0
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return 1  # ConvTranspose (group 1), MatMul
 
 
 def plan_from_qdq(qgraph: gs.Graph, fgraph: gs.Graph) -> QuantPlan:

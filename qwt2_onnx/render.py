@@ -30,7 +30,7 @@ def render_summary(result) -> str:
         if len(result.fusion.float_) > 8:
             lines.append(f"  ... and {len(result.fusion.float_) - 8} more")
     if result.cwac is not None:
-        lines += _cwac_lines(result)
+        lines += cwac_lines(result)
     fid = result.fidelity
     if fid:
         tag = "held-out" if fid.held_out else "in-sample"
@@ -65,7 +65,7 @@ def _coarse_grid_lines(coarse: dict | None) -> list[str]:
             f"activation, per tensor)"]
 
 
-def _cwac_lines(result) -> list[str]:
+def cwac_lines(result) -> list[str]:
     fit, fold = result.cwac, result.stages.get("fold", {})
     errs = ", ".join(f"{k} {v:.3g}" for k, v in fit.output_error.items())
     lines = [f"CWAC: target {fit.target}, {len(fit.compensations)}/{len(result.plan.layers)} layers compensated "
@@ -78,10 +78,10 @@ def _cwac_lines(result) -> list[str]:
                         if "params" in fit.decisions else "")
                      + "); it was folded as asked: check how it was fitted, or drop --cwac-params")
     samples = fit.held_out_samples()
-    if samples and samples["worse_than_none"]:
+    if samples and samples.worse_than_none:
         from .report import held_out_account
 
-        lines.append("  " + held_out_account(samples))
+        lines.append("  " + held_out_account(samples.to_dict()))
     for t in fit.vetoed:
         lines.append(f"  {t} not kept: it lowers held-out decision agreement with float (argmax of the softmax "
                      f"outputs) {fit.decisions['none']:.4f} → {fit.decisions[t]:.4f}")

@@ -190,7 +190,7 @@ def held_out_account(samples: dict) -> str:
     return f"held-out samples whose output error the candidate raised, of {samples['n']}: {each}"
 
 
-def _gate_html(gate: dict | None) -> str:
+def gate_html(gate: dict | None) -> str:
     """The CWAC output gate's choice: each candidate's held-out output error and the samples it made worse."""
     if not gate:
         return ""
@@ -232,7 +232,7 @@ td:first-child {{ text-align: left; }}
 <p class="verdict {"pass" if report.passed else "fail"}">{verdict}</p>
 {summary}
 <ul>{models}</ul><p class=note>data: {data} · created {html.escape(report.created)} · schema {report.schema}</p>
-{_gate_html(report.cwac_gate)}
+{gate_html(report.cwac_gate)}
 {_sqnr_chart(report)}
 {body}
 </body></html>

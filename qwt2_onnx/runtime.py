@@ -150,3 +150,14 @@ class BatchRunner:
             for i in range(n):
                 single = {k: v[i:i + 1] for k, v in feed.items()}
                 yield [dict(zip(outputs, s.run(outputs, single))) for s in self.sessions], 1
+
+
+def try_run(model: onnx.ModelProto, feed: dict) -> list | None:
+    """``model``'s graph outputs on ``feed`` (optimized session), or None where it does not run (logged: the
+    stage that needs the model to run reports it)."""
+    names = [o.name for o in model.graph.output]
+    try:
+        return make_session(model, optimized=True).run(names, feed)
+    except Exception as e:  # noqa: BLE001  (onnxruntime raises many kinds; the calibrate stage reports them)
+        logger.info("the model did not run on a sample: %s", str(e)[:200])
+        return None

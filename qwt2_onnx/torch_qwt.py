@@ -21,7 +21,7 @@ included, as leaves) and mirrors the default policy of ``policy.py`` / ``InsertQ
 
 ``fit()`` fits CWAC (``y' = g ⊙ y + β`` after each layer, global target: the float module's tensor)
 layer by layer in topological order, each layer seeing every earlier compensation (the staged protocol
-of DESIGN.md with one layer per stage), with ``cwac.ChannelSums`` / ``cwac.fit_affine``.  ``save()``
+of DESIGN.md with one layer per stage), with ``cwac.closed_form.ChannelSums`` / ``fit_affine``.  ``save()``
 writes what ``compile`` takes: ``--cwac-params`` (``<weight>:gain`` / ``:bias``) and ``--act-ranges``
 (``<weight>:input_range`` / ``:output_range``).  A model the reference cannot mirror (a functional
 conv on a parameter, a ConvTranspose...) is refused with a ``QwtError``.
@@ -34,7 +34,7 @@ import logging
 import numpy as np
 
 from .config import QuantConfig
-from .cwac import ChannelSums, fit_affine
+from .cwac.closed_form import ChannelSums, fit_affine
 from .errors import QwtError
 from .observers import ActivationRange, MinMaxObserver
 from .quant import (
@@ -316,7 +316,8 @@ class QuantSim:
                     sums = sums or ChannelSums(q.shape[axis], axis)
                     sums.update(q.detach().cpu().numpy(), f.detach().cpu().numpy())
                 before = sums.mse()
-                lay.gain, lay.bias, st = fit_affine(sums, lam, max_gain)
+                fitted = fit_affine(sums, lam, max_gain)
+                lay.gain, lay.bias, st = fitted.gain, fitted.bias, dict(fitted.stats)
                 st["int32_overflow_left_alone"] = self._leave_unrepresentable(lay)
                 stats[lay.weight] = {**st, "mse_before": before, "mse_after": sums.mse(lay.gain, lay.bias)}
         return stats

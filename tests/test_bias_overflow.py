@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.config import CwacConfig
-from qwt2_onnx.cwac import Compensation, build_graphs
+from qwt2_onnx.cwac.fold import build_graphs
+from qwt2_onnx.cwac.records import Compensation
 from qwt2_onnx.quant import INT32_BIAS_BOUND, bias_scale_floor, quantize_weight
 
 INT32_MAX = np.iinfo(np.int32).max

@@ -20,10 +20,11 @@ from tiny_models import conv_net, linear_chains, masked_token_net, saved_random_
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
 from qwt2_onnx.calib_data import CalibrationSet, InputSpec
 from qwt2_onnx.config import CwacConfig
-from qwt2_onnx.cwac import ChannelSums, fit_affine, real_positions
-from qwt2_onnx.cwac_fit import score_head_layers, staged_fit
-from qwt2_onnx.cwac_gate import output_error, output_errors
-from qwt2_onnx.cwac_reference import prefix_staged_fit
+from qwt2_onnx.cwac.closed_form import ChannelSums, fit_affine, real_positions
+from qwt2_onnx.cwac.fit import staged_fit
+from qwt2_onnx.cwac.gate import output_error, output_errors
+from qwt2_onnx.cwac.points import score_head_layers
+from qwt2_onnx.cwac.reference import prefix_staged_fit
 from qwt2_onnx.equivalence import check_fold
 from qwt2_onnx.errors import QwtError
 
@@ -38,7 +39,8 @@ def test_closed_form_matches_least_squares_per_channel():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(500, 3))
     q = f * np.array([0.9, 1.2, -0.5]) + np.array([0.3, -1.0, 2.0]) + rng.normal(0, 0.05, size=(500, 3))
-    g, beta, stats = fit_affine(_sums(q.astype(np.float32), f.astype(np.float32)))
+    m = fit_affine(_sums(q.astype(np.float32), f.astype(np.float32)))
+    g, beta, stats = m.gain, m.bias, m.stats
     for c in range(3):
         ref_g, ref_b = np.polyfit(q[:, c], f[:, c], 1)  # least squares f ≈ g·q + β
         assert abs(g[c] - ref_g) < 1e-4 and abs(beta[c] - ref_b) < 1e-4
@@ -51,7 +53,8 @@ def test_guards_zero_variance_and_absurd_gain():
     q = f.copy()
     q[:, 0] = 2.0                     # constant channel: g = 1, β = mean(f − q)
     q[:, 1] = f[:, 1] * 1e-3          # would need g ≈ 1000: rejected, left alone
-    g, beta, stats = fit_affine(_sums(q, f), max_gain=4.0)
+    m = fit_affine(_sums(q, f), max_gain=4.0)
+    g, beta, stats = m.gain, m.bias, m.stats
     assert g[0] == 1.0 and abs(beta[0] - np.mean(f[:, 0] - 2.0)) < 1e-5
     assert g[1] == 1.0 and beta[1] == 0.0
     assert stats == {**stats, "zero_variance": 1, "rejected_channels": 1}
@@ -61,8 +64,8 @@ def test_lambda_shrinks_gain_toward_one():
     rng = np.random.default_rng(2)
     f = rng.normal(size=(300, 2)).astype(np.float32)
     q = (f * 0.5 + rng.normal(0, 0.3, size=f.shape)).astype(np.float32)
-    g0, _, _ = fit_affine(_sums(q, f), lam=0.0)
-    g1, _, _ = fit_affine(_sums(q, f), lam=10.0)
+    g0 = fit_affine(_sums(q, f), lam=0.0).gain
+    g1 = fit_affine(_sums(q, f), lam=10.0).gain
     assert np.all(np.abs(g1 - 1) < np.abs(g0 - 1))
 
 
@@ -71,11 +74,12 @@ def test_keep_spread_matches_the_targets_mean_and_variance():
     f = rng.normal(size=(2000, 2)) * np.array([2.0, 1.0])
     q = f * np.array([0.8, -1.0]) + rng.normal(0, 1.0, size=f.shape)  # noisy; channel 1 anti-correlated
     q, f = q.astype(np.float32), f.astype(np.float32)
-    g, beta, stats = fit_affine(_sums(q, f), keep_spread=True)
+    m = fit_affine(_sums(q, f), keep_spread=True)
+    g, beta, stats = m.gain, m.bias, m.stats
     y = q * g + beta
     np.testing.assert_allclose(y.mean(0), f.mean(0), atol=1e-4)
     np.testing.assert_allclose(y.std(0), f.std(0), rtol=1e-4)
-    g_ls, _, _ = fit_affine(_sums(q, f))
+    g_ls = fit_affine(_sums(q, f)).gain
     assert g[1] < 0 and np.all(np.abs(g) > np.abs(g_ls))  # least squares shrinks, the spread fit does not
     assert stats["fit"] == "keep spread"
 
@@ -91,7 +95,8 @@ def test_keep_spread_keeps_rare_positives_above_the_threshold():
     q, f = q.astype(np.float32), f.astype(np.float32)
     above = {}
     for keep in (False, True):
-        g, beta, _ = fit_affine(_sums(q, f), keep_spread=keep)
+        m = fit_affine(_sums(q, f), keep_spread=keep)
+        g, beta = m.gain, m.bias
         above[keep] = int(np.sum(q * g + beta > 0))
     float_above = int(np.sum(f > 0))
     assert above[False] < 0.5 * float_above < above[True] < 1.5 * float_above, (above, float_above)
@@ -118,7 +123,7 @@ def test_score_head_fit_is_recorded_and_lsq_turns_it_off(tmp_path):
         cfg = CompileConfig(quant=QuantConfig(wbits=4), cwac=CwacConfig(target="global", head_fit=head_fit),
                             holdout_samples=0)
         res = compile_model(tmp_path / "m.onnx", calib, tmp_path / f"{head_fit}.onnx", cfg, measure=False)
-        fits[head_fit] = {f.layer: f.stats["fit"] for f in res.cwac.layers}
+        fits[head_fit] = {f.layer: f.fit for f in res.cwac.layers}
     assert fits["spread"] == {"stem": "least squares", "box_conv": "least squares", "cls_conv": "keep spread"}
     assert set(fits["lsq"].values()) == {"least squares"}
 
@@ -152,7 +157,7 @@ def test_segment_cached_fit_equals_whole_prefix_reruns_with_a_score_head(tmp_pat
     data = CalibrationSet(lambda: iter(calib), InputSpec.from_model(res.float_model), "test", len(calib))
     comps, fits = staged_fit(res.float_model, res.plain_model, res.plan, data, "global", cfg, batch_size=4)
     ref = prefix_staged_fit(res.float_model, res.plain_model, res.plan, data, cfg, batch_size=4)
-    assert {f.layer: f.stats["fit"] for f in fits}["cls_conv"] == "keep spread"
+    assert {f.layer: f.fit for f in fits}["cls_conv"] == "keep spread"
     assert set(comps) == set(ref) and "cls_conv" in ref, (set(comps), set(ref))
     for name, comp in ref.items():
         np.testing.assert_array_equal(comps[name].gain, comp.gain)
@@ -188,7 +193,7 @@ def test_fit_is_the_same_with_every_cached_tensor_on_disk(tmp_path, monkeypatch)
     """cache_mib=0 sends every stage-boundary tensor to the temporary folder: same gains, folder removed."""
     import tempfile
 
-    from qwt2_onnx import segments
+    from qwt2_onnx.cwac import segments
 
     saved = []
     real_save = np.save
@@ -285,7 +290,8 @@ def test_unfoldable_compensation_is_left_out_of_both_graphs(tmp_path):
     what that reader computes, so it is skipped with a reason, and the unfused graph leaves it out too."""
     from onnx import helper
 
-    from qwt2_onnx.cwac import Compensation, build_graphs
+    from qwt2_onnx.cwac.fold import build_graphs
+    from qwt2_onnx.cwac.records import Compensation
 
     res, calib = _compiled(tmp_path, wbits=8)
     m = onnx.ModelProto()
@@ -305,7 +311,7 @@ def test_unfoldable_compensation_is_left_out_of_both_graphs(tmp_path):
 
 
 def test_tensor_cache_spills_to_disk_beyond_its_budget():
-    from qwt2_onnx.segments import TensorCache
+    from qwt2_onnx.cwac.segments import TensorCache
 
     with TensorCache(memory_budget=100) as cache:
         small, big = np.arange(10, dtype=np.float32), np.arange(100, dtype=np.float32)
@@ -347,7 +353,7 @@ def test_fit_target_is_the_float_tensor_at_the_same_point(tmp_path):
     shifted by b1, which made it disagree with the prefix reference on PP-OCRv4 rec."""
     import onnx_graphsurgeon as gs
 
-    from qwt2_onnx.cwac_fit import float_point
+    from qwt2_onnx.cwac.points import float_point
 
     onnx.save(_seq_mlp(), tmp_path / "m.onnx")
     rng = np.random.default_rng(0)
@@ -403,7 +409,7 @@ def test_position_mask_keeps_padding_out_of_the_fit_and_the_gate(tmp_path):
 
     (ca, fa), (cb, _) = fit(sets[0], masked), fit(sets[1], masked)
     assert set(ca) == set(cb) and "down" in ca, (set(ca), set(cb))
-    assert all(f.stats["real_positions_only"] for f in fa)
+    assert all(f.real_positions_only for f in fa)
     for name in ca:
         np.testing.assert_array_equal(ca[name].gain, cb[name].gain)
         np.testing.assert_array_equal(ca[name].bias, cb[name].bias)

@@ -13,8 +13,8 @@ from onnx import helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
 from qwt2_onnx.calib_data import InputSpec, open_calibration
-from qwt2_onnx.cwac_fit import CwacFit, gate_choice
-from qwt2_onnx.cwac_gate import OutputError, gate_tensors, output_error, output_errors
+from qwt2_onnx.cwac.gate import gate_choice, gate_tensors, output_error, output_errors
+from qwt2_onnx.cwac.records import CwacFit, OutputError
 from tiny_models import conv_net
 
 
@@ -89,9 +89,9 @@ def test_held_out_samples_counts_the_samples_a_candidate_made_worse():
     fit = CwacFit({}, "global", [], {k: float(v.sum()) for k, v in per_sample.items()}, 0, 0.0,
                   per_sample=per_sample)
     # global raised samples 1 (+1.0) and 2 (+0.1, from 0): 1.1 of plain's 7.0 added back; local raised none
-    assert fit.held_out_samples() == {"n": 4, "worse_than_none": {"global": 2, "local": 0},
+    assert fit.held_out_samples().to_dict() == {"n": 4, "worse_than_none": {"global": 2, "local": 0},
                                       "added_error": {"global": round(1.1 / 7.0, 4), "local": 0.0}}
-    assert fit.summary(3)["held_out_samples"] == fit.held_out_samples()
+    assert fit.summary(3)["held_out_samples"] == fit.held_out_samples().to_dict()
     assert CwacFit({}, "none", [], {}, 0, 0.0).held_out_samples() is None
 
 
@@ -147,8 +147,8 @@ def test_a_vetoed_candidate_is_reported():
     summary says why each was not kept; with none vetoed, nothing is said."""
     from types import SimpleNamespace
 
-    from qwt2_onnx.render import _cwac_lines
-    from qwt2_onnx.report import _gate_html
+    from qwt2_onnx.render import cwac_lines
+    from qwt2_onnx.report import gate_html
 
     fit = CwacFit({}, "local", [], {"none": 0.13, "global": 0.066, "local": 0.09}, 0, 0.0,
                   decisions={"none": 0.955, "global": 0.934, "local": 0.96}, vetoed=["global"])
@@ -157,11 +157,11 @@ def test_a_vetoed_candidate_is_reported():
     assert record["vetoed"] == ["global"]
     schema = json.loads(resources.files("qwt2_onnx").joinpath("data/check_report.schema.json").read_text())
     jsonschema.validate(record, {**schema["$defs"]["cwac_gate"], "$defs": schema["$defs"]})
-    lines = _cwac_lines(SimpleNamespace(cwac=fit, stages={}, plan=SimpleNamespace(layers=[1, 2])))
+    lines = cwac_lines(SimpleNamespace(cwac=fit, stages={}, plan=SimpleNamespace(layers=[1, 2])))
     assert any("global not kept" in x and "0.9550 → 0.9340" in x for x in lines)
-    assert "less often than no compensation: global" in _gate_html(record)
+    assert "less often than no compensation: global" in gate_html(record)
     fine = CwacFit({}, "local", [], {}, 0, 0.0, decisions={"none": 0.955, "local": 0.96})
     assert fine.gate_record()["vetoed"] == []
-    assert not any("decision" in x for x in _cwac_lines(SimpleNamespace(cwac=fine, stages={},
+    assert not any("decision" in x for x in cwac_lines(SimpleNamespace(cwac=fine, stages={},
                                                                           plan=SimpleNamespace(layers=[1]))))
     assert CwacFit({}, "none", [], {}, 0, 0.0).gate_record()["decision_agreement"] is None

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from tiny_models import conv_net, linear_chains, matmul_add, mlp_with_constants, saved_random_chain
 
 from qwt2_onnx import CompileConfig, QuantConfig, compile_model
-from qwt2_onnx.cwac import Compensation, build_graphs
+from qwt2_onnx.cwac.fold import build_graphs
+from qwt2_onnx.cwac.records import Compensation
 from qwt2_onnx.equivalence import check_fold
 
 

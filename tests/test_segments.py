@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from qwt2_onnx.segments import SegmentPlan
+from qwt2_onnx.cwac.segments import SegmentPlan
 
 
 def _residual_chain(depth: int):
@@ -87,7 +87,7 @@ def test_a_layer_behind_a_subgraph_read_comes_a_stage_later():
     """Stages count a subgraph's outer-scope reads as inputs: conv_b, fed through an If whose branches read
     conv_a's output, is fitted after conv_a is compensated (it used to share stage 1 with it: silero's
     decoder was fitted before its encoders)."""
-    from qwt2_onnx.cwac_fit import layer_stages
+    from qwt2_onnx.cwac.points import layer_stages
 
     assert layer_stages(_if_between_layers(), ["conv_a", "conv_b"]) == {"conv_a": 1, "conv_b": 2}
 
@@ -96,8 +96,8 @@ def test_staged_fit_through_a_subgraph_equals_whole_prefix_reruns(tmp_path):
     from qwt2_onnx import CompileConfig, QuantConfig, compile_model
     from qwt2_onnx.calib_data import CalibrationSet, InputSpec
     from qwt2_onnx.config import CwacConfig
-    from qwt2_onnx.cwac_fit import staged_fit
-    from qwt2_onnx.cwac_reference import prefix_staged_fit
+    from qwt2_onnx.cwac.fit import staged_fit
+    from qwt2_onnx.cwac.reference import prefix_staged_fit
     import onnx
 
     onnx.save(_if_between_layers(), tmp_path / "m.onnx")

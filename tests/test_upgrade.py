@@ -16,9 +16,9 @@ from tiny_models import conv_net, linear_chains, saved_random_chain
 from qwt2_onnx import CompileConfig, QwtError, compile_model
 from qwt2_onnx.cli import main
 from qwt2_onnx.config import CwacConfig
-from qwt2_onnx.cwac import build_graphs
+from qwt2_onnx.cwac.fold import build_graphs
 from qwt2_onnx.inspect_ort import fusion_report
-from qwt2_onnx.pipeline import _integer_weights, upgrade_model
+from qwt2_onnx.pipeline import upgrade_model
 from qwt2_onnx.runtime import make_session
 
 
@@ -57,7 +57,7 @@ def test_upgrade_ort_quantize_static_model(tmp_path, weight_type):
     # onnxruntime left conv2 without a bias and mm (a graph output) without a bias Add.  conv2 runs in float
     # on onnxruntime (its output feeds the residual Add unquantized), so its new bias is a float constant,
     # not an int32 DQ that would stay in onnxruntime's graph; mm's Add is the one extra op, and reported
-    assert "conv2" in fusion_report(original, _integer_weights(original, res.plan)).float_
+    assert "conv2" in fusion_report(original, res.plan.integer_weights(original)).float_
     assert "float bias" in res.stages["fold"]["strategies"]["conv2"]
     inserted = res.stages["fold"]["inserted_ops"]
     by_name = {n.name: n.op_type for n in res.model.graph.node}

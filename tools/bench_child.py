@@ -29,15 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def _prefix_fit(float_model, qmodel, plan, data, cfg, batch_size=8, progress=None):
     """Drop-in for ``fit_compensations``: the reference fit (global target) + the same output-level gate."""
-    from qwt2_onnx.cwac_fit import CwacFit, _Parts, _unfused, layer_stages
-    from qwt2_onnx.cwac_gate import output_error
-    from qwt2_onnx.cwac_reference import prefix_staged_fit
+    from qwt2_onnx.cwac.fold import unfused_model
+    from qwt2_onnx.cwac.gate import Parts, output_error
+    from qwt2_onnx.cwac.points import layer_stages
+    from qwt2_onnx.cwac.records import CwacFit
+    from qwt2_onnx.cwac.reference import prefix_staged_fit
 
     t0 = time.perf_counter()
-    parts = _Parts.split(data, cfg, batch_size)
+    parts = Parts.split(data, cfg, batch_size)
     comps = prefix_staged_fit(float_model, qmodel, plan, data, cfg, batch_size)
     scores = {"none": output_error(float_model, qmodel, parts.hold, batch_size)}
-    scores["global"] = output_error(float_model, _unfused(qmodel, comps), parts.hold, batch_size) if comps \
+    scores["global"] = output_error(float_model, unfused_model(qmodel, comps), parts.hold, batch_size) if comps \
         else scores["none"]
     target = "global" if comps and scores["global"] < scores["none"] else "none"
     stages = layer_stages(qmodel, [lp.node for lp in plan.layers])

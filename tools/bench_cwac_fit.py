@@ -28,8 +28,8 @@ from zoo_tasks import TASKS  # noqa: E402
 from qwt2_onnx import CompileConfig, compile_model  # noqa: E402
 from qwt2_onnx.calib_data import CalibrationSet, InputSpec  # noqa: E402
 from qwt2_onnx.config import CwacConfig  # noqa: E402
-from qwt2_onnx.cwac_fit import staged_fit
-from qwt2_onnx.cwac_reference import prefix_staged_fit  # noqa: E402
+from qwt2_onnx.cwac.fit import staged_fit
+from qwt2_onnx.cwac.reference import prefix_staged_fit  # noqa: E402
 from qwt2_onnx.runtime import batches, make_session  # noqa: E402
 
 

@@ -34,7 +34,7 @@ import onnx  # noqa: E402
 
 from qwt2_onnx import CompileConfig  # noqa: E402
 from qwt2_onnx.inspect_ort import fusion_report  # noqa: E402
-from qwt2_onnx.pipeline import _integer_weights, upgrade_model  # noqa: E402
+from qwt2_onnx.pipeline import upgrade_model  # noqa: E402
 from zoo import fetch_model  # noqa: E402
 from zoo_eval import evaluate, session  # noqa: E402
 from zoo_ort_baseline import _quiet, ort_options, ort_quantize  # noqa: E402
@@ -63,7 +63,7 @@ def run(name: str, bits: str, n_calib: int, workdir: Path, config: str = "best")
     up_s = time.perf_counter() - t0
     fsess = session(str(model), True)
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
-    before = fusion_report(res.plain_model, _integer_weights(res.plain_model, res.plan))  # the input, as normalized
+    before = fusion_report(res.plain_model, res.plan.integer_weights(res.plain_model))  # the input, as normalized
     base = {"model": name, "variant": f"ort-{config}-{bits}", "options": options, "compile_s": round(ort_s, 1),
             "fusion": before.summary()}
     base_metrics, base["output_fidelity"] = evaluate(task, str(qpath), fsess)

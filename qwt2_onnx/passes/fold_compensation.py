@@ -61,55 +61,23 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..cwac import Compensation
-from ..policy import output_axis
+from ..cwac.records import Compensation
+from ..graph_queries import bias_slot, output_axis, producer_of, values
 from . import PassResult
 
 logger = logging.getLogger(__name__)
 
 
-def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
-    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == op:
-        return t.inputs[0]
-    return None
-
-
-def _values(t: gs.Tensor) -> np.ndarray:
-    return np.asarray(t.values)
-
-
-def weight_shape(node: gs.Node) -> tuple[int, ...]:
-    """Shape of a layer's weight: its input 1, or the constant behind the DequantizeLinear producing it."""
-    w = node.inputs[1]
-    if w.shape is None and (dq := _producer(w, "DequantizeLinear")) is not None:
-        w = dq.inputs[0]
-    return tuple(w.shape)
-
-
-def bias_slot(node: gs.Node) -> tuple[gs.Node, int] | None:
-    """(node, input index) holding the layer's bias: its own input 2, or MatMul's following Add."""
-    if node.op in ("Conv", "ConvTranspose", "Gemm"):
-        return (node, 2) if len(node.inputs) > 2 and node.inputs[2].name else None
-    out = node.outputs[0]
-    if len(out.outputs) == 1 and out.outputs[0].op == "Add":
-        add = out.outputs[0]
-        other = 1 if add.inputs[0] is out else 0
-        b = add.inputs[other]
-        if isinstance(b, gs.Constant) or _producer(b, "DequantizeLinear"):
-            return add, other
-    return None
-
-
 def folded_weight_scale(node: gs.Node, gain: np.ndarray) -> np.ndarray:
     """s_w' = |g|·s_w per channel (s_w where g = 0), float32 as stored."""
-    s_w = _values(_producer(node.inputs[1], "DequantizeLinear").inputs[1])
+    s_w = values(producer_of(node.inputs[1], "DequantizeLinear").inputs[1])
     return np.where(gain == 0, s_w, s_w * np.abs(gain)).astype(np.float32)
 
 
 def folded_bias_scale(node: gs.Node, w_scale: np.ndarray) -> np.ndarray:
     """The int32 bias scale of the folded layer: exactly float32(s_x·s_w'[c]), as the inserter writes it
     (onnxruntime's QLinearConv/QGemm fusion recomputes it that way and keeps only the int32 values)."""
-    s_x = np.float32(_values(_producer(node.inputs[0], "DequantizeLinear").inputs[1]))
+    s_x = np.float32(values(producer_of(node.inputs[0], "DequantizeLinear").inputs[1]))
     return (s_x * w_scale).astype(np.float32)
 
 
@@ -118,15 +86,15 @@ def _int32_bias(node: gs.Node, comp: Compensation, int32_bias: bool) -> tuple[np
     bias is int32; None when it is float."""
     slot = bias_slot(node)
     if slot is None:
-        if not (int32_bias and node.op != "MatMul" and _producer(node.inputs[0], "DequantizeLinear") is not None):
+        if not (int32_bias and node.op != "MatMul" and producer_of(node.inputs[0], "DequantizeLinear") is not None):
             return None
         b = np.zeros(comp.gain.size)  # a new int32 bias will hold β alone
     else:
         bnode, idx = slot
-        dq = _producer(bnode.inputs[idx], "DequantizeLinear")
+        dq = producer_of(bnode.inputs[idx], "DequantizeLinear")
         if dq is None:
             return None
-        b = (_values(dq.inputs[0]).astype(np.float64) * _values(dq.inputs[1]).astype(np.float64)).reshape(-1)
+        b = (values(dq.inputs[0]).astype(np.float64) * values(dq.inputs[1]).astype(np.float64)).reshape(-1)
     return b, folded_bias_scale(node, folded_weight_scale(node, comp.gain)).astype(np.float64)
 
 
@@ -163,14 +131,14 @@ def _to_int32(q: np.ndarray, layer: str) -> np.ndarray:
 
 def _per_tensor_weight_dq(node: gs.Node) -> gs.Node | None:
     """The layer's weight DQ if it is per-tensor with constant scale / zero point and read only by this layer."""
-    dq = _producer(node.inputs[1], "DequantizeLinear")
+    dq = producer_of(node.inputs[1], "DequantizeLinear")
     if dq is None or not isinstance(dq.inputs[0], gs.Constant) or not isinstance(dq.inputs[1], gs.Constant):
         return None
     w, scale = dq.inputs[0], dq.inputs[1]
     zp = dq.inputs[2] if len(dq.inputs) > 2 else None
-    if _values(scale).size != 1 or len(w.outputs) > 1 or len(node.inputs[1].outputs) > 1:
+    if values(scale).size != 1 or len(w.outputs) > 1 or len(node.inputs[1].outputs) > 1:
         return None
-    if zp is not None and (not isinstance(zp, gs.Constant) or _values(zp).size != 1):
+    if zp is not None and (not isinstance(zp, gs.Constant) or values(zp).size != 1):
         return None
     return dq
 
@@ -192,9 +160,9 @@ def _to_per_channel(node: gs.Node) -> bool:
     zp = dq.inputs[2] if len(dq.inputs) > 2 else None
     axis = output_axis(node)
     channels = w.shape[axis]
-    scale.values = np.full(channels, float(_values(scale).reshape(())), np.float32)
+    scale.values = np.full(channels, float(values(scale).reshape(())), np.float32)
     if zp is not None:
-        zp.values = np.full(channels, _values(zp).reshape(()), _values(zp).dtype)
+        zp.values = np.full(channels, values(zp).reshape(()), values(zp).dtype)
     dq.attrs["axis"] = axis
     return True
 
@@ -240,7 +208,7 @@ class FoldCompensationPass:
     def _check(node: gs.Node | None) -> str | None:
         if node is None:
             return "layer_not_found"
-        dq = _producer(node.inputs[1], "DequantizeLinear")
+        dq = producer_of(node.inputs[1], "DequantizeLinear")
         if dq is None:
             return "weight_not_dequantized"
         w, scale = dq.inputs[0], dq.inputs[1]
@@ -251,7 +219,7 @@ class FoldCompensationPass:
             return "shared_weight"
         axis = int(dq.attrs.get("axis", 1))
         out_axis = output_axis(node)
-        if _values(scale).size != w.shape[out_axis] or axis % len(w.shape) != out_axis:
+        if values(scale).size != w.shape[out_axis] or axis % len(w.shape) != out_axis:
             return "weight_not_per_channel_on_output_axis"
         if zp is not None and not isinstance(zp, gs.Constant):
             return "weight_zero_point_not_constant"
@@ -259,17 +227,17 @@ class FoldCompensationPass:
 
     @staticmethod
     def _fold_gain(node: gs.Node, gain: np.ndarray, w_scale: np.ndarray) -> None:
-        dq = _producer(node.inputs[1], "DequantizeLinear")
+        dq = producer_of(node.inputs[1], "DequantizeLinear")
         w, scale = dq.inputs[0], dq.inputs[1]
         axis = int(dq.attrs.get("axis", 1)) % len(w.shape)
         shape = [1] * len(w.shape)
         shape[axis] = -1
         sign = np.where(gain < 0, -1, 1).reshape(shape)
         zero = (gain == 0).reshape(shape)
-        zp = _values(dq.inputs[2]).astype(np.int32).reshape(shape) if len(dq.inputs) > 2 else np.zeros(shape, np.int32)
+        zp = values(dq.inputs[2]).astype(np.int32).reshape(shape) if len(dq.inputs) > 2 else np.zeros(shape, np.int32)
         if np.any((gain.reshape(shape) < 0) & (zp != 0)):
             raise ValueError("negative gain on a weight row with a nonzero zero point (constrain_full_range first)")
-        w_q = _values(w)
+        w_q = values(w)
         # g < 0: negate the row (zero point 0); g = 0: the row becomes its zero point (dequantizes to 0)
         w.values = np.where(zero, zp, w_q.astype(np.int32) * sign).astype(w_q.dtype)
         scale.values = w_scale
@@ -281,7 +249,7 @@ class FoldCompensationPass:
         g, beta = comp.gain.astype(np.float64), comp.bias.astype(np.float64)
         if slot is None:
             if node.op in ("Conv", "ConvTranspose", "Gemm"):
-                if int32_bias and _producer(node.inputs[0], "DequantizeLinear") is not None:
+                if int32_bias and producer_of(node.inputs[0], "DequantizeLinear") is not None:
                     scale = folded_bias_scale(node, w_scale)
                     b_int = _to_int32(np.round(beta / scale.astype(np.float64)), node.name)
                     if float_bias:  # what the DQ would compute: float32(q)·scale, one float32 product
@@ -301,21 +269,21 @@ class FoldCompensationPass:
                 return "gain->weight scale, beta->new float bias input"
             return FoldCompensationPass._insert_add(graph, node, comp, inserted)
         bnode, idx = slot
-        dq = _producer(bnode.inputs[idx], "DequantizeLinear")
+        dq = producer_of(bnode.inputs[idx], "DequantizeLinear")
         if dq is None:  # float bias (trt target, or a MatMul's float Add)
             b = bnode.inputs[idx]
-            bvals = _values(b).astype(np.float64)
+            bvals = values(b).astype(np.float64)
             scale_b = g if bnode is node else g.reshape(bvals.shape) if bvals.size == g.size else None
             if scale_b is None:
                 return FoldCompensationPass._insert_add(graph, node, comp, inserted)
             b.values = (scale_b * bvals + beta.reshape(bvals.shape)).astype(np.float32)
             return "gain->weight scale, beta->float bias"
         b_int, b_scale = dq.inputs[0], dq.inputs[1]
-        b_zp = _values(dq.inputs[2]).astype(np.float64) if len(dq.inputs) > 2 else 0.0
-        b = (_values(b_int).astype(np.float64) - b_zp) * _values(b_scale).astype(np.float64)
+        b_zp = values(dq.inputs[2]).astype(np.float64) if len(dq.inputs) > 2 else 0.0
+        b = (values(b_int).astype(np.float64) - b_zp) * values(b_scale).astype(np.float64)
         new_scale = folded_bias_scale(node, w_scale)
         q = np.round((g * b.reshape(-1) + beta) / new_scale.astype(np.float64))
-        b_int.values = _to_int32(q, node.name).reshape(_values(b_int).shape)
+        b_int.values = _to_int32(q, node.name).reshape(values(b_int).shape)
         # the bias DQ is now per channel, whatever it was (another tool's per-tensor bias: a scalar scale)
         b_scale.values = new_scale
         dq.attrs["axis"] = 0

@@ -15,23 +15,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..cwac import Compensation
+from ..cwac.records import Compensation
+from ..graph_queries import broadcast_shape, compensation_point
 from . import PassResult
-from .fold_compensation import bias_slot, weight_shape
-
-
-def compensation_point(node: gs.Node) -> gs.Variable:
-    """The tensor CWAC corrects: the layer output, including a MatMul's following bias Add."""
-    slot = bias_slot(node)
-    if node.op == "MatMul" and slot is not None:
-        return slot[0].outputs[0]
-    return node.outputs[0]
-
-
-def broadcast_shape(node: gs.Node, channels: int) -> tuple[int, ...]:
-    if node.op in ("Conv", "ConvTranspose"):
-        return (channels,) + (1,) * (len(weight_shape(node)) - 2)
-    return (channels,)
 
 
 class InsertCompensationPass:

@@ -203,7 +203,7 @@ class NormalizePass:
         """Shapes inferred on the model's structure: initializers of 1 KiB or more (weights) enter as typed
         graph inputs, so the weights are never copied (and models over 2 GB work); small ones (shape
         constants) keep their values for data propagation.  The inferred value_info goes back into ``model``."""
-        from ..model_io import structure
+        from ..proto import structure
 
         probe = structure(model)
         try:

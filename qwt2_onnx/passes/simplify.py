@@ -44,7 +44,7 @@ class SimplifyPass:
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         if not self.enabled:
             return PassResult(model, False, {"onnxsim": "disabled"})
-        from ..model_io import PROTOBUF_LIMIT, serialized_size
+        from ..proto import PROTOBUF_LIMIT, serialized_size
 
         if serialized_size(model) > PROTOBUF_LIMIT:  # onnxsim round-trips it through files, copying the weights
             logger.info("onnxsim skipped: model over 2 GB")

@@ -2,7 +2,7 @@
 
 :func:`prefix_staged_fit` re-runs the whole unfused prefix of the model for
 every stage (O(stages) passes), with the same per-layer held-out gate as
-:func:`qwt2_onnx.cwac_fit.staged_fit`.  ``tests/test_cwac.py`` checks that the
+:func:`qwt2_onnx.cwac.fit.staged_fit`.  ``tests/test_cwac.py`` checks that the
 two agree and ``tools/bench_cwac_fit.py`` measures both; nothing else uses it.
 """
 from __future__ import annotations
@@ -10,13 +10,16 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calib_data import CalibrationSet
-from .config import CwacConfig
-from .cwac import ChannelSums, Compensation, fit_affine, real_positions, sigmoid_sq_error
-from .cwac_fit import _axis, _Parts, _unfused, layer_stages, score_head_layers
-from .passes.insert_compensation import compensation_point
-from .policy import QuantPlan
-from .runtime import batches, make_session, with_outputs
+from ..calib_data import CalibrationSet
+from ..config import CwacConfig
+from ..graph_queries import channel_axis, compensation_point
+from ..policy import QuantPlan
+from ..runtime import batches, make_session, with_outputs
+from .closed_form import ChannelSums, fit_affine, real_positions, sigmoid_sq_error
+from .fold import unfused_model
+from .gate import Parts
+from .points import layer_stages, score_head_layers
+from .records import Compensation
 
 
 def prefix_staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan,
@@ -29,15 +32,15 @@ def prefix_staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
     layers = [lp.node for lp in plan.layers]
     stages = layer_stages(qmodel, layers)
     points = {name: compensation_point(nodes[name]).name for name in layers}
-    axes = {lp.node: _axis(lp.op) for lp in plan.layers}
-    parts = _Parts.split(data, cfg, batch_size)
+    axes = {lp.node: channel_axis(lp.op) for lp in plan.layers}
+    parts = Parts.split(data, cfg, batch_size)
     heads = (score_head_layers(float_model, points, next(batches(parts.fit, parts.batch_size))[0])
              if cfg.head_fit == "spread" else set())
     comps: dict[str, Compensation] = {}
     for s in range(1, max(stages.values(), default=0) + 1):
         members = [n for n in layers if stages[n] == s]
         outs = [points[n] for n in members]  # no member is compensated yet: its point keeps its name
-        qs = make_session(with_outputs(_unfused(qmodel, comps) if comps else qmodel, outs), optimized=False)
+        qs = make_session(with_outputs(unfused_model(qmodel, comps) if comps else qmodel, outs), optimized=False)
         fs = make_session(with_outputs(float_model, outs), optimized=False)  # as staged_fit: same float32 sums
         sums: dict[tuple[str, str], ChannelSums] = {}
         maps, head_err = {}, {name: [0.0, 0.0] for name in members if name in heads}
@@ -52,9 +55,9 @@ def prefix_staged_fit(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
                     sums.setdefault((part, name), ChannelSums(q.shape[axis], axis)).update(q, f)
                     if part == "hold" and name in heads:
                         head_err[name][0] += sigmoid_sq_error(q, f, axis)
-                        head_err[name][1] += sigmoid_sq_error(q, f, axis, *maps[name][:2])
+                        head_err[name][1] += sigmoid_sq_error(q, f, axis, maps[name].gain, maps[name].bias)
         for name in members:
-            g, beta, stats = maps[name]
+            g, beta, stats = maps[name].gain, maps[name].bias, maps[name].stats
             hold = sums[("hold", name)]
             better = head_err[name][1] < head_err[name][0] if name in heads else hold.mse(g, beta) < hold.mse()
             if better:

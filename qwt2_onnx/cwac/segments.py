@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .model_io import private_tempdir
+from ..model_io import private_tempdir
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:

@@ -1,19 +1,25 @@
-"""The CWAC output gate's measure: how far a model's outputs are from the float model's.
+"""The CWAC output gate, measure and decision: how far a model's outputs are from the float model's
+(:func:`output_errors`), and which candidate is kept (:func:`gate_choice`).
 
 ``fit_compensations`` scores each candidate (global, local, no compensation)
-with :func:`output_error` on the held-out calibration samples and keeps the
-lowest.
+with :func:`output_errors` on the held-out calibration samples (:class:`Parts`)
+and keeps the lowest that the decision veto allows; :func:`gate_given` measures
+a compensation fitted elsewhere (``--cwac-params``) the same way.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import onnx
 
-from .calib_data import CalibrationSet
-from .cwac import real_positions
-from .runtime import batches, make_session, with_outputs
+from ..calib_data import CalibrationSet
+from ..config import CwacConfig
+from ..runtime import batches, make_session, with_outputs
+from .closed_form import real_positions
+from .fold import unfused_model
+from .records import Compensation, CwacFit, OutputError
 
 _SATURATING = ("Softmax", "Sigmoid", "LogSoftmax")
 SHAPE_ONLY = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
@@ -73,17 +79,6 @@ def _output_parts(model: onnx.ModelProto) -> list[tuple[str, str | None, int | N
     return parts
 
 
-@dataclasses.dataclass
-class OutputError:
-    """The output gate's score of one model on ``data``: ``total`` (what the gate ranks by) and each
-    sample's share of it, ``per_sample`` (they sum to ``total``; None where an output has no per-sample
-    leading axis)."""
-
-    total: float
-    per_sample: np.ndarray | None
-    decisions: float | None = None  # share of Softmax positions whose argmax is float's (None: no Softmax)
-
-
 def output_error(float_model: onnx.ModelProto, model: onnx.ModelProto, data: CalibrationSet, batch_size: int,
                  position_mask: str | None = None) -> float:
     """Σ over :func:`gate_tensors` of MSE(model, float) / mean(float²), simulated, on ``data``: every output
@@ -141,3 +136,61 @@ def _samples(t: np.ndarray, n: int, mask: np.ndarray | None) -> list[tuple[slice
         return None
     rows = t.shape[0] // n
     return [(slice(k * rows, (k + 1) * rows), None if mask is None else mask[k:k + 1]) for k in range(n)]
+
+
+# The fit and its gate run one sample per onnxruntime call, whatever --batch-size says, so that the model
+# they write does not depend on batching: onnxruntime's MatMul on a weight that is not a constant (a
+# DequantizeLinear output, in every float-simulated QDQ graph) rounds differently for one row and for many
+# (orientation's classifier MatMul: 5.5e-6 between a batch of 8 and 8 single runs, enough to move its
+# fitted gains in the 7th digit).  Measured cost on orientation (48 samples, 2 cores under a load of ~6,
+# two runs each): fit 18.4 s / 15.1 s one sample per call vs 15.0 s / 15.9 s in batches of 8 — within the
+# machine's noise.
+FIT_BATCH = 1
+
+
+@dataclasses.dataclass
+class Parts:
+    """The fit part and the held-out part of the calibration set (streamed, not stored)."""
+
+    fit: CalibrationSet
+    hold: CalibrationSet
+    batch_size: int
+
+    @classmethod
+    def split(cls, data: CalibrationSet, cfg: CwacConfig, batch_size: int) -> "Parts":
+        n = data.length if data.length is not None else sum(1 for _ in data)
+        n_hold = max(1, int(round(n * cfg.holdout_fraction))) if n >= 4 else 0
+        hold = data.take(n - n_hold, n) if n_hold else data.take(0, n)
+        return cls(data.take(0, n - n_hold), hold, batch_size)
+
+
+def gate_given(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, comps: dict[str, Compensation],
+               data: CalibrationSet, cfg: CwacConfig = CwacConfig(), batch_size: int = 8) -> CwacFit:
+    """Compensation fitted elsewhere (``--cwac-params``) measured by the same output gate as a fitted one,
+    on the held-out part of the calibration set.  It is folded as asked — the user gave it explicitly —
+    but the record carries both held-out errors and decision agreements, and ``gate_choice``'s verdict
+    (``rejected_by_gate``), which the compile summary prints as a warning: a zero or absurd gain no
+    longer passes silently."""
+    t0 = time.perf_counter()
+    parts = Parts.split(data, cfg, FIT_BATCH)
+    scored = {"none": output_errors(float_model, qmodel, parts.hold, parts.batch_size, cfg.position_mask)}
+    if comps:
+        scored["params"] = output_errors(float_model, unfused_model(qmodel, comps), parts.hold, parts.batch_size,
+                                         cfg.position_mask)
+    best, vetoed = gate_choice(scored)
+    decisions = {t: e.decisions for t, e in scored.items() if e.decisions is not None}
+    return CwacFit(comps, "params", [], {t: e.total for t, e in scored.items()}, 0, time.perf_counter() - t0,
+                   decisions=decisions, vetoed=vetoed, rejected_by_gate=bool(comps) and best != "params")
+
+
+def gate_choice(scored: dict[str, OutputError]) -> tuple[str, list[str]]:
+    """The output gate: the candidate with the lowest held-out output error (no compensation on a tie),
+    among those not vetoed, and the vetoed.  Vetoed is a candidate whose held-out decisions (argmax of
+    the Softmax outputs) agree with float's less often than no compensation's do: a lower output error
+    can still change decisions (an upgraded recognizer's logit error halved while a third of its Chinese
+    characters changed), and a decision is what a classifier's user sees."""
+    base = scored["none"].decisions
+    vetoed = [] if base is None else [t for t, e in scored.items()
+                                      if t != "none" and e.decisions is not None and e.decisions < base]
+    best = min((t for t in scored if t not in vetoed), key=lambda t: (scored[t].total, t != "none"))
+    return best, vetoed
