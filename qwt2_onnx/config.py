@@ -9,6 +9,8 @@ import math
 import re
 from typing import Literal
 
+MAX_SAMPLE_BYTES = 2**30  # what one calibration sample may allocate, all inputs together (1 GiB)
+
 Target = Literal["ort", "trt"]
 ActType = Literal["u8", "s8"]
 Method = Literal["minmax", "percentile", "entropy"]
@@ -134,6 +136,9 @@ class CwacConfig:
     padding does not steer the fit.
     ``cache_mib``: in-memory budget of each of the fit's two stage-boundary caches
     (``segments.TensorCache``); tensors beyond it go to a temporary folder.
+    ``protocol``: ``staged`` (the fit; each stage runs its segment) or ``prefix`` (the slow definition it
+    must equal, ``cwac.reference``: the whole prefix re-run per stage, global target only; for the
+    benchmarks), both judged by the same gates.
     """
 
     enabled: bool = True
@@ -145,10 +150,14 @@ class CwacConfig:
     params: str | None = None  # .npz of compensation fitted elsewhere ('<weight>:gain', '<weight>:bias')
     position_mask: str | None = None
     cache_mib: int = 64
+    protocol: str = "staged"
 
     def __post_init__(self) -> None:
         from .errors import QwtError
 
+        if self.protocol not in ("staged", "prefix") or (self.protocol == "prefix" and self.target != "global"):
+            raise QwtError(f"CWAC protocol '{self.protocol}' with target '{self.target}' is not available",
+                           fix="use protocol 'staged', or 'prefix' with target 'global'")
         if self.target not in ("auto", "global", "local"):
             raise QwtError(f"unknown CWAC target '{self.target}'", fix="use --cwac-target auto, global or local")
         if self.head_fit not in ("spread", "lsq"):

@@ -16,13 +16,13 @@ def render_summary(result) -> str:
         lines.append(f"  left in float (quantized around): {named}{more}")
     if plan.unmatched_patterns:
         lines.append(f"  exclusion patterns that matched nothing: {', '.join(plan.unmatched_patterns)}")
-    for line in result.stages.get("load", {}).get("repaired_declarations", []):
+    for line in result.stages.load.repaired_declarations:
         lines.append(f"  note: {line}")
-    for line in result.stages.get("load", {}).get("warnings", []):
+    for line in result.stages.load.warnings:
         lines.append(f"  warning: {line}")
-    lines += _coarse_grid_lines(result.stages.get("plan", {}).get("coarse_weight_grids"))
-    if result.stages.get("simplify", {}).get("onnxsim", "").startswith("skipped"):
-        lines.append(f"  note: onnxsim {result.stages['simplify']['onnxsim']}")
+    lines += _coarse_grid_lines(result.stages.plan.coarse_weight_grids if result.stages.plan else None)
+    if result.stages.simplify.onnxsim.startswith("skipped"):
+        lines.append(f"  note: onnxsim {result.stages.simplify.onnxsim}")
     if result.fusion:
         lines.append(f"onnxruntime: {result.fusion.summary()}")
         for layer, why in list(result.fusion.float_.items())[:8]:
@@ -41,7 +41,7 @@ def render_summary(result) -> str:
             lines.append(f"  {name}: simulated SQNR {s.sqnr_db:.1f} dB cos {s.cosine:.5f} | "
                          f"deployed SQNR {d.sqnr_db:.1f} dB cos {d.cosine:.5f}{base}")
     if result.report is not None:
-        from .pipeline import report_paths
+        from .compile_outputs import report_paths
         from .report import render_terminal
 
         lines.append("check: " + render_terminal(result.report, max_lines=4).replace("\n", "\n  "))
@@ -66,7 +66,7 @@ def _coarse_grid_lines(coarse: dict | None) -> list[str]:
 
 
 def cwac_lines(result) -> list[str]:
-    fit, fold = result.cwac, result.stages.get("fold", {})
+    fit, fold, check = result.cwac, result.stages.fold, result.fold_check
     errs = ", ".join(f"{k} {v:.3g}" for k, v in fit.output_error.items())
     lines = [f"CWAC: target {fit.target}, {len(fit.compensations)}/{len(result.plan.layers)} layers compensated "
              f"in {fit.stages} stages, fit {fit.seconds:.1f}s; held-out output error: {errs}"]
@@ -91,13 +91,11 @@ def cwac_lines(result) -> list[str]:
     rejected = Counter(f.status for f in fit.layers if f.status != "compensated")
     for status, n in sorted(rejected.items()):
         lines.append(f"  not compensated ({status}): {n}")
-    for strategy, n in sorted(Counter(fold.get("strategies", {}).values()).items()):
+    for strategy, n in sorted(Counter(fold.strategies.values()).items()):
         lines.append(f"  fold: {strategy}: {n}")
-    if fold.get("inserted_ops"):
-        lines.append(f"  extra ops inserted: {len(fold['inserted_ops'])} ({', '.join(fold['inserted_ops'][:5])})")
-    check = fold.get("check")
-    if check:
-        worst = max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()], default=0.0)
-        lines.append(f"  fused vs unfused (same activation codes): max relative difference {worst:.2g}; "
-                     f"free-running: {check['flipped']}/{check['codes']} activation codes differ (rounding ties)")
+    if fold.inserted_ops:
+        lines.append(f"  extra ops inserted: {len(fold.inserted_ops)} ({', '.join(fold.inserted_ops[:5])})")
+    if check is not None:
+        lines.append(f"  fused vs unfused (same activation codes): max relative difference {check.worst_forced:.2g}; "
+                     f"free-running: {check.flipped}/{check.codes} activation codes differ (rounding ties)")
     return lines

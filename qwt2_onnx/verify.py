@@ -61,70 +61,83 @@ def verify_compile(float_model: onnx.ModelProto, plain: onnx.ModelProto, qmodel:
                    held_out: bool) -> Verification:
     """The compile's checks on ``data``.  ``unfused`` is the CWAC graph before folding (``None`` without
     CWAC: then ``qmodel`` is ``plain``); ``report``: comparisons 2 and 3; ``fidelity``: the summary."""
-    cwac = unfused is not None
-    names = ("unfused", "fused")
-    fold = FoldAccumulator(qmodel, unfused) if cwac else None
-    deployed = DeployedAccumulator(qmodel, unfused) if cwac and report else None
-    plain_cmp = LayerAccumulator(float_model, plain, ("float", "plain PTQ")) if report else None
-    cwac_cmp = LayerAccumulator(float_model, qmodel, ("float", "CWAC")) if cwac and report else None
-    fid = {kind: _outputs(float_model) for kind in ("simulated", "deployed") + (("baseline",) if cwac else ())} \
-        if fidelity else {}
-
-    f_fetch = {**(plain_cmp.ref_fetch if plain_cmp else {}), **(cwac_cmp.ref_fetch if cwac_cmp else {})}
-    g_float = _Graph(float_model, True, f_fetch)
-    g_plain = _Graph(plain, False, plain_cmp.cand_fetch if plain_cmp else {}) \
-        if plain_cmp or not cwac or "baseline" in fid else None
-    g_unfused = g_fused = g_deployed = None
-    if cwac:
-        g_unfused = _Graph(unfused, False, {**fold.fetch, **(deployed.sim_fetch if deployed else {})})
-        g_fused = _Graph(qmodel, False, {**fold.fetch, **(cwac_cmp.cand_fetch if cwac_cmp else {})})
-    if deployed or fidelity:
-        g_deployed = _Graph(qmodel, True, deployed.dep_fetch if deployed else {})
-
-    def feed_fidelity(kind: str, f: dict, c: dict) -> None:
-        for o, a in fid.get(kind, {}).items():
-            a.update(f[o], c[o])
-
-    outputs = [o.name for o in float_model.graph.output]
+    run = _Pass(float_model, plain, qmodel, unfused, report, fidelity)
     samples = 0
     for feed, n in batches(data, 1):  # each graph's tensors are dropped as soon as what reads them is fed
         samples += n
-        f = g_float.run(feed)
+        run.sample(feed)
+    return run.result(samples, held_out)
+
+
+class _Pass:
+    """The accumulators of every comparison asked for, and each graph's session, built once; ``sample``
+    runs every graph once on a feed and feeds each accumulator that reads it."""
+
+    def __init__(self, float_model, plain, qmodel, unfused, report: bool, fidelity: bool):
+        self.cwac = cwac = unfused is not None
+        self.fold = FoldAccumulator(qmodel, unfused) if cwac else None
+        self.deployed = DeployedAccumulator(qmodel, unfused) if cwac and report else None
+        self.plain_cmp = plain_cmp = LayerAccumulator(float_model, plain, ("float", "plain PTQ")) if report else None
+        self.cwac_cmp = cwac_cmp = LayerAccumulator(float_model, qmodel, ("float", "CWAC")) if cwac and report else None
+        self.fid = {kind: _outputs(float_model) for kind in ("simulated", "deployed") + (("baseline",) if cwac else ())} \
+            if fidelity else {}
+        self.outputs = [o.name for o in float_model.graph.output]
+        f_fetch = {**(plain_cmp.ref_fetch if plain_cmp else {}), **(cwac_cmp.ref_fetch if cwac_cmp else {})}
+        self.g_float = _Graph(float_model, True, f_fetch)
+        self.g_plain = _Graph(plain, False, plain_cmp.cand_fetch if plain_cmp else {}) \
+            if plain_cmp or not cwac or "baseline" in self.fid else None
+        self.g_unfused = self.g_fused = self.g_deployed = None
+        if cwac:
+            self.g_unfused = _Graph(unfused, False, {**self.fold.fetch, **(self.deployed.sim_fetch if self.deployed else {})})
+            self.g_fused = _Graph(qmodel, False, {**self.fold.fetch, **(cwac_cmp.cand_fetch if cwac_cmp else {})})
+        if self.deployed or fidelity:
+            self.g_deployed = _Graph(qmodel, True, self.deployed.dep_fetch if self.deployed else {})
+
+    def _fidelity(self, kind: str, f: dict, c: dict) -> None:
+        for o, a in self.fid.get(kind, {}).items():
+            a.update(f[o], c[o])
+
+    def sample(self, feed: dict[str, np.ndarray]) -> None:
+        cwac, fold = self.cwac, self.fold
+        f = self.g_float.run(feed)
         c = None
-        if g_plain is not None:
-            p = g_plain.run(feed)
-            if plain_cmp:
-                plain_cmp.update(f, p)
-            feed_fidelity("baseline" if cwac else "simulated", f, p)
+        if self.g_plain is not None:
+            p = self.g_plain.run(feed)
+            if self.plain_cmp:
+                self.plain_cmp.update(f, p)
+            self._fidelity("baseline" if cwac else "simulated", f, p)
             c = None if cwac else p
             del p
         u = None
         if cwac:
-            c = g_fused.run(feed)
-            if cwac_cmp:
-                cwac_cmp.update(f, c)
-            feed_fidelity("simulated", f, c)
+            c = self.g_fused.run(feed)
+            if self.cwac_cmp:
+                self.cwac_cmp.update(f, c)
+            self._fidelity("simulated", f, c)
             c = {t: c[t] for t in fold.free_names}  # the fold check needs only the outputs and the codes
-            f = {o: f[o] for o in outputs}
-            u = g_unfused.run(feed)
-        if g_deployed is not None:
-            d = g_deployed.run(feed)
-            if deployed:
-                deployed.update(d, u)
-            feed_fidelity("deployed", f, d)
+            f = {o: f[o] for o in self.outputs}
+            u = self.g_unfused.run(feed)
+        if self.g_deployed is not None:
+            d = self.g_deployed.run(feed)
+            if self.deployed:
+                self.deployed.update(d, u)
+            self._fidelity("deployed", f, d)
             del d
         if cwac:  # last, with the least held: it runs the forced pair, whose fetches are the largest
             fold.update(feed, {t: u[t] for t in fold.free_names}, c)
         del c, f, u
-    fid_report = None
-    if fidelity:
-        result = {kind: {o: a.result() for o, a in accs.items()} for kind, accs in fid.items()}
-        fid_report = FidelityReport(result["simulated"], result["deployed"], samples, held_out, result.get("baseline"))
-    return Verification(
-        fold.result() if fold else None,
-        deployed.result(names) if deployed else None,
-        plain_cmp.result("plain PTQ (float simulation) vs float", ("float", "plain PTQ"), role="plain_vs_float")
-        if plain_cmp else None,
-        cwac_cmp.result("CWAC (fused, float simulation) vs float", ("float", "CWAC"), role="cwac_vs_float")
-        if cwac_cmp else None,
-        fid_report)
+
+    def result(self, samples: int, held_out: bool) -> Verification:
+        fid_report = None
+        if self.fid:
+            result = {kind: {o: a.result() for o, a in accs.items()} for kind, accs in self.fid.items()}
+            fid_report = FidelityReport(result["simulated"], result["deployed"], samples, held_out,
+                                        result.get("baseline"))
+        return Verification(
+            self.fold.result() if self.fold else None,
+            self.deployed.result(("unfused", "fused")) if self.deployed else None,
+            self.plain_cmp.result("plain PTQ (float simulation) vs float", ("float", "plain PTQ"), role="plain_vs_float")
+            if self.plain_cmp else None,
+            self.cwac_cmp.result("CWAC (fused, float simulation) vs float", ("float", "CWAC"), role="cwac_vs_float")
+            if self.cwac_cmp else None,
+            fid_report)

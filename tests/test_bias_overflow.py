@@ -80,8 +80,8 @@ def test_bias_scale_floor_arithmetic():
 
 def test_dead_channel_bias_fits_and_deploys(compiled):
     res, _, _ = compiled
-    assert res.stages["insert_qdq"]["weight_scale_raised_for_int32_bias"] == 1
-    assert res.stages["insert_qdq"]["bias_clipped"] == 0
+    assert res.stages.insert_qdq.weight_scale_raised_for_int32_bias == 1
+    assert res.stages.insert_qdq.bias_clipped == 0
     inits = _inits(res.model)
     b_q, b_s = inits["b_quantized"], inits["b_scale"]
     assert b_q.dtype == np.int32 and np.abs(b_q.astype(np.int64)).max() <= INT32_BIAS_BOUND
@@ -110,8 +110,8 @@ def test_cwac_on_dead_channel_folded_or_reported_never_clipped(compiled, gain, b
     bias = np.array([0.01, beta, -0.02, 0.0], np.float32)
     comps = {"conv": Compensation("conv", g, bias, 1, "test", {})}
     unfused, fused, stats = build_graphs(res.plain_model, comps)
-    assert stats["int32_bias_overflow"] == ({"conv": 1} if overflows else {})
-    assert ("left uncompensated" in stats["strategies"]["conv"]) == overflows
+    assert stats.int32_bias_overflow == ({"conv": 1} if overflows else {})
+    assert ("left uncompensated" in stats.strategies["conv"]) == overflows
     b_q, b_s = _inits(fused)["b_quantized"], _inits(fused)["b_scale"]
     assert np.abs(b_q.astype(np.int64)).max() < INT32_MAX  # nothing saturated
     x = np.random.default_rng(3).normal(size=(4, 3, 8, 8)).astype(np.float32)
@@ -133,7 +133,7 @@ def test_compile_with_overflowing_compensation_passes_and_reports(compiled):
     out = compile_model(d / "m.onnx", calib, d / "c.onnx", CompileConfig(cwac=CwacConfig(params=str(d / "cwac.npz"))),
                         measure=False)
     assert out.report.passed
-    assert out.stages["fold"]["int32_bias_overflow"] == {"conv": 1}
+    assert out.stages.fold.int32_bias_overflow == {"conv": 1}
     assert "folded int32 bias would overflow" in render_summary(out)
 
 
@@ -143,7 +143,7 @@ def test_trt_target_keeps_float_bias_and_no_floor(tmp_path):
     calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
     res = compile_model(tmp_path / "m.onnx", calib, tmp_path / "q.onnx",
                         CompileConfig(quant=QuantConfig(target="trt"), cwac=CwacConfig(enabled=False)), measure=False)
-    assert "weight_scale_raised_for_int32_bias" not in res.stages["insert_qdq"]
+    assert res.stages.insert_qdq.weight_scale_raised_for_int32_bias == 0
     inits = _inits(res.model)
     assert inits["b"].dtype == np.float32 and inits["w_scale"][1] < 1e-10  # float bias: nothing to overflow
     x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
@@ -185,6 +185,6 @@ def test_efficientnet_lite0_default_compile(tmp_path):
     res = compile_model(tmp_path / "eff.onnx", [{"image": x[i:i + 1]} for i in range(len(x))],
                         tmp_path / "eff.int8.onnx", measure=False)
     assert res.report.passed
-    assert res.stages["insert_qdq"]["bias_clipped"] == 0 and res.stages["insert_qdq"]["weight_scale_raised_for_int32_bias"]
+    assert res.stages.insert_qdq.bias_clipped == 0 and res.stages.insert_qdq.weight_scale_raised_for_int32_bias
     biases = [v for v in _inits(res.model).values() if v.dtype == np.int32]
     assert max(int(np.abs(b.astype(np.int64)).max()) for b in biases) < INT32_MAX

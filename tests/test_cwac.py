@@ -185,7 +185,7 @@ def test_segment_cached_fit_equals_whole_prefix_reruns_on_random_graphs(tmp_path
     on = compile_model(tmp / "m.onnx", calib, tmp / "c.onnx", CompileConfig(quant=QuantConfig(wbits=4),
                        holdout_samples=0), measure=False)  # the default: CWAC on, target auto
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
-    assert ops(on.model) == ops(on.plain_model) and not on.stages["fold"]["inserted_ops"]
+    assert ops(on.model) == ops(on.plain_model) and not on.stages.fold.inserted_ops
     assert on.cwac.output_error[on.cwac.target] <= on.cwac.output_error["none"]
 
 
@@ -302,8 +302,8 @@ def test_unfoldable_compensation_is_left_out_of_both_graphs(tmp_path):
     comps = {name: Compensation(name, np.full(c, 1.1, np.float32), np.full(c, 0.05, np.float32), -1, "test", {})
              for name, c in (("gemm", 16), ("mm", 5))}
     unfused, fused, stats = build_graphs(m, comps)
-    assert stats["strategies"]["gemm"] == "skipped: shared_weight" and stats["skipped"] == {"shared_weight": 1}
-    assert not stats["strategies"]["mm"].startswith("skipped")
+    assert stats.strategies["gemm"] == "skipped: shared_weight" and stats.skipped == {"shared_weight": 1}
+    assert not stats.strategies["mm"].startswith("skipped")
     muls = [n.name for n in unfused.graph.node if n.op_type == "Mul"]
     assert "mm_cwac_Mul" in muls and "gemm_cwac_Mul" not in muls
     check = check_fold(fused, unfused, calib[:4], 2)

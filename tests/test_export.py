@@ -181,7 +181,7 @@ def test_range_override_sets_the_quantizer(fitted):
     calib = [{"x": x.numpy()} for x in xs]
     res = compile_model(d / "t.onnx", calib, d / "p.onnx", CompileConfig(
         calib=CalibConfig(range_overrides=str(d / "ranges.npz")), cwac=CwacConfig(enabled=False)), measure=False)
-    assert res.stages["calibrate"] == {"range_overrides": 4}
+    assert res.stages.calibrate.range_overrides == 4
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
     lo, hi = np.load(d / "ranges.npz")["fc.weight:input_range"]
     expected = activation_qparams(ActivationRange("t", lo, hi, "override"), CompileConfig().quant)
@@ -266,7 +266,7 @@ def test_efficientnet_lite0_pytorch_cwac_to_folded_int8(tmp_path):
     res = compile_model(tmp_path / "eff.onnx", [{"image": b.numpy()} for b in batches], tmp_path / "eff.int8.onnx",
                         cfg, unfused_path=tmp_path / "eff.unfused.onnx", measure=False)
     assert res.report.passed  # every activation quantizer got its range from PyTorch:
-    assert res.stages["calibrate"] == {"range_overrides": len(res.plan.activation_tensors)}
+    assert res.stages.calibrate.range_overrides == len(res.plan.activation_tensors)
 
     x = torch.from_numpy(evalx)
     with torch.no_grad():

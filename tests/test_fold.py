@@ -66,7 +66,7 @@ def test_fold_matches_unfused(tmp_path_factory, model, target, wbits, kinds, see
     comps = _random_comps(res, rng, kinds)
     unfused, fused, stats = build_graphs(res.plain_model, comps)
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
-    if not stats["inserted_ops"]:
+    if not stats.inserted_ops:
         assert ops(fused) == ops(res.plain_model)
     onnx.checker.check_model(fused, full_check=True)
     _assert_fold_equal(fused, unfused, rng.normal(size=(5, *shape)).astype(np.float32), stats)
@@ -85,7 +85,7 @@ def test_fold_matches_unfused_on_random_graphs(tmp_path_factory, chain, target, 
     assert res.plan.layers and not res.plan.skipped, res.plan.skipped  # (simplification may merge MatMul + Add)
     comps = _random_comps(res, rng, kinds)
     unfused, fused, stats = build_graphs(res.plain_model, comps)
-    assert not stats["skipped"] and not stats["inserted_ops"], stats
+    assert not stats.skipped and not stats.inserted_ops, stats
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
     assert ops(fused) == ops(res.plain_model)
     onnx.checker.check_model(fused, full_check=True)

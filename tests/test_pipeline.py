@@ -88,8 +88,8 @@ def test_gemm_transB0_and_matmul_axis_and_constant_nodes(tmp_path):
     dq_axes = {n.name: n.attribute[0].i for n in q.graph.node if n.op_type == "DequantizeLinear" and n.attribute}
     axes = {k: v for k, v in dq_axes.items() if "weight" in k}
     assert sorted(axes.values()) == [1, 1], axes  # MatMul [K,N] and Gemm transB=0 [K,N]: output axis 1
-    assert res.stages["normalize"]["constants_to_initializers"] == 2
-    assert res.stages["normalize"]["renamed_nodes"] == 5
+    assert res.stages.normalize.constants_to_initializers == 2
+    assert res.stages.normalize.renamed_nodes == 5
     assert all(n.name for n in q.graph.node)
 
 
@@ -191,7 +191,7 @@ def test_onnxsim_failure_is_a_note_not_an_error(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(onnxsim, "simplify", broken)
     model, calib = tiny
     res = compile_model(model, calib, tmp_path / "o.onnx", measure=False)
-    assert res.stages["simplify"]["onnxsim"].startswith("skipped: RuntimeError: simulated onnxsim crash")
+    assert res.stages.simplify.onnxsim.startswith("skipped: RuntimeError: simulated onnxsim crash")
     assert len(res.plan.layers) == 4
 
 
@@ -206,7 +206,7 @@ def test_per_sample_shapes_and_symbolic_dims(tmp_path):
 def test_opset11_model_is_upgraded_and_loads(tmp_path):
     onnx.save(conv_net(opset=11), tmp_path / "m.onnx")
     res = compile_model(tmp_path / "m.onnx", calib_npz(tmp_path / "c.npz"), tmp_path / "o.onnx")
-    assert res.stages["normalize"]["opset"] == "11->13"
+    assert res.stages.normalize.opset == "11->13"
     assert res.fidelity.deployed["y"].sqnr_db > 30
 
 

@@ -58,12 +58,12 @@ def test_upgrade_ort_quantize_static_model(tmp_path, weight_type):
     # on onnxruntime (its output feeds the residual Add unquantized), so its new bias is a float constant,
     # not an int32 DQ that would stay in onnxruntime's graph; mm's Add is the one extra op, and reported
     assert "conv2" in fusion_report(original, res.plan.integer_weights(original)).float_
-    assert "float bias" in res.stages["fold"]["strategies"]["conv2"]
-    inserted = res.stages["fold"]["inserted_ops"]
+    assert "float bias" in res.stages.fold.strategies["conv2"]
+    inserted = res.stages.fold.inserted_ops
     by_name = {n.name: n.op_type for n in res.model.graph.node}
     assert _ops(res.model) - _ops(original) == Counter(by_name[n] for n in inserted)
     assert inserted == ["mm_cwac_Add"] or inserted == []
-    assert res.stages["fold"]["check"]["forced_max_rel"]["y"] <= 1e-5
+    assert res.fold_check.forced_max_rel["y"] <= 1e-5
     assert res.cwac.output_error[res.cwac.target] <= res.cwac.output_error["none"]
     # activation quantizers untouched: same scales and zero points as onnxruntime chose
     inits = lambda m: {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}  # noqa: E731
@@ -80,11 +80,11 @@ def test_upgrade_ort_default_per_tensor_model(tmp_path):
     float_path, qdq_path, calib = _ort_quantized(tmp_path, per_channel=False)
     res = upgrade_model(qdq_path, float_path, calib, tmp_path / "up.onnx", CompileConfig(holdout_samples=8),
                         measure=False)
-    strategies = res.stages["fold"]["strategies"]
+    strategies = res.stages.fold.strategies
     assert all(s.startswith("per-tensor weight converted to per-channel") for s in strategies.values()), strategies
     assert "int32 bias" in strategies["conv1"] and "conv1" in res.cwac.compensations
-    check = res.stages["fold"]["check"]
-    assert max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()]) <= 1e-5
+    check = res.fold_check
+    assert check.worst_forced <= 1e-5
     dq = {n.output[0]: n for n in res.model.graph.node if n.op_type == "DequantizeLinear"}
     conv1 = next(n for n in res.model.graph.node if n.name == "conv1")
     assert dq[conv1.input[2]].attribute[0].name == "axis" and dq[conv1.input[2]].attribute[0].i == 0
@@ -112,7 +112,7 @@ def test_upgrade_warns_of_per_tensor_weight_grids_set_by_outlier_channels(tmp_pa
     assert res.exit_code == 0, res.output
     res_api = upgrade_model(tmp_path / "ort.onnx", float_path, calib, tmp_path / "up2.onnx",
                             CompileConfig(holdout_samples=8), measure=False)
-    coarse = res_api.stages["plan"]["coarse_weight_grids"]
+    coarse = res_api.stages.plan.coarse_weight_grids
     if per_channel:
         assert coarse == {} and "per-tensor weight scales" not in res.output
         return
@@ -133,8 +133,8 @@ def test_float_bias_computes_what_the_int32_bias_dq_computes(tmp_path):
     assert "conv2" in res.cwac.compensations
     _, with_dq, dq_stats = build_graphs(res.plain_model, res.cwac.compensations)
     _, with_float, float_stats = build_graphs(res.plain_model, res.cwac.compensations, float_bias=frozenset({"conv2"}))
-    assert dq_stats["inserted_ops"] == ["conv2_cwac_bias_DequantizeLinear", "mm_cwac_Add"]
-    assert float_stats["inserted_ops"] == ["mm_cwac_Add"]
+    assert dq_stats.inserted_ops == ["conv2_cwac_bias_DequantizeLinear", "mm_cwac_Add"]
+    assert float_stats.inserted_ops == ["mm_cwac_Add"]
     assert _ops(with_dq) - _ops(with_float) == Counter({"DequantizeLinear": 1})
     feed = {"x": np.concatenate([c["x"] for c in calib])}
     a, b = (make_session(m, optimized=False).run(None, feed)[0] for m in (with_dq, with_float))
@@ -169,7 +169,7 @@ def test_cwac_params_are_folded_exactly(tmp_path):
     res = compile_model(tmp_path / "m.onnx", calib, tmp_path / "q.onnx", cfg, unfused_path=tmp_path / "u.onnx")
     assert res.cwac.target == "params" and set(res.cwac.compensations) == {"conv1", "gemm"}
     np.testing.assert_array_equal(res.cwac.compensations["gemm"].gain, params["wg:gain"].astype(np.float32))
-    assert res.stages["fold"]["check"]["forced_max_rel"]["y"] <= 1e-5
+    assert res.fold_check.forced_max_rel["y"] <= 1e-5
     assert _ops(res.model) == _ops(res.plain_model)
 
 
@@ -211,8 +211,8 @@ def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_f
     fit = upgrade_model(tmp / "ort.onnx", tmp / "f.onnx", calib, tmp / "fit.onnx", CompileConfig(holdout_samples=4),
                         measure=False)
     assert fit.cwac.output_error[fit.cwac.target] <= fit.cwac.output_error["none"]
-    check = fit.stages["fold"]["check"]
-    assert max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()], default=0) <= 1e-5
+    check = fit.fold_check
+    assert check.worst_forced <= 1e-5
     inits = {t.name: t for t in fit.float_model.graph.initializer}
     params = {}
     for lp in fit.plan.layers:
@@ -225,12 +225,12 @@ def test_upgrade_folds_random_gains_on_whatever_quantize_static_wrote(tmp_path_f
     res = upgrade_model(tmp / "ort.onnx", tmp / "f.onnx", calib, tmp / "up.onnx",
                         CompileConfig(cwac=CwacConfig(params=str(tmp / "p.npz")), holdout_samples=4), measure=False)
     assert (tmp / "ort.onnx").read_bytes() == before
-    fold = res.stages["fold"]
+    fold = res.stages.fold
     assert set(res.cwac.compensations) == {lp.node for lp in fit.plan.layers}
-    assert max([*fold["check"]["forced_max_rel"].values(), *fold["check"]["forced_layer_max_rel"].values()]) <= 1e-5
+    assert res.fold_check.worst_forced <= 1e-5
     original = onnx.load(tmp / "ort.onnx")
     by_name = {n.name: n.op_type for n in res.model.graph.node}
-    assert _ops(res.model) - _ops(original) == Counter(by_name[n] for n in fold["inserted_ops"])
+    assert _ops(res.model) - _ops(original) == Counter(by_name[n] for n in fold.inserted_ops)
     a = {t.name: onnx.numpy_helper.to_array(t) for t in original.graph.initializer}
     b = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
     for node in original.graph.node:

@@ -63,10 +63,10 @@ def test_zoo_compiles_and_runs(name, variant, zoo_path, tmp_path):
     fit = res.cwac
     assert fit.output_error[fit.target] <= fit.output_error["none"]
     ops = lambda m: Counter(n.op_type for n in m.graph.node)  # noqa: E731
-    assert ops(res.model) == ops(res.plain_model), res.stages["fold"]["inserted_ops"]
-    check = res.stages["fold"]["check"]
-    assert max([*check["forced_max_rel"].values(), *check["forced_layer_max_rel"].values()]) <= 1e-5
-    assert set(check["forced_layer_max_rel"]) == {lp.node for lp in res.plan.layers}
+    assert ops(res.model) == ops(res.plain_model), res.stages.fold.inserted_ops
+    check = res.fold_check
+    assert check.worst_forced <= 1e-5
+    assert set(check.forced_layer_max_rel) == {lp.node for lp in res.plan.layers}
     # the compile's own check passed and left its reports beside the model
     assert res.report.passed and (tmp_path / "q.report.json").exists() and (tmp_path / "q.report.html").exists()
 
@@ -82,7 +82,7 @@ def test_zoo_upgrade_mode_on_onnxruntime_output(zoo_path, tmp_path):
     ort_quantize(model, feeds, tmp_path / "ort.onnx")
     samples = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(32)]
     res = upgrade_model(tmp_path / "ort.onnx", model, samples, tmp_path / "up.onnx", CompileConfig(holdout_samples=8))
-    assert res.stages["normalize"]["constant_quantizers_folded"] > 0
+    assert res.stages.normalize.constant_quantizers_folded > 0
     assert len(res.plan.layers) == 54 and len(res.cwac.layers) == 54  # every layer fitted on onnxruntime's grid
     assert sum(f.status == "compensated" for f in res.cwac.layers) >= 27  # most pass the per-layer gate
     # The output-level choice is a coin flip here: onnxruntime's defaults quantize the logits before the
@@ -90,7 +90,7 @@ def test_zoo_upgrade_mode_on_onnxruntime_output(zoo_path, tmp_path):
     # < 0.05 % (either way, depending on float32 rounding in the fit).  The contract: never worse.
     assert res.cwac.output_error[res.cwac.target] <= res.cwac.output_error["none"]
     if res.cwac.compensations:
-        assert max(res.stages["fold"]["check"]["forced_layer_max_rel"].values()) <= 1e-5
+        assert max(res.fold_check.forced_layer_max_rel.values()) <= 1e-5
         for name_out, stats in res.fidelity.simulated.items():
             assert stats.sqnr_db >= res.fidelity.baseline[name_out].sqnr_db, name_out
     else:  # nothing folded: the written model computes what onnxruntime's did

@@ -27,38 +27,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _prefix_fit(float_model, qmodel, plan, data, cfg, batch_size=8, progress=None):
-    """Drop-in for ``fit_compensations``: the reference fit (global target) + the same output-level gate."""
-    from qwt2_onnx.cwac.fold import unfused_model
-    from qwt2_onnx.cwac.gate import Parts, output_error
-    from qwt2_onnx.cwac.points import layer_stages
-    from qwt2_onnx.cwac.records import CwacFit
-    from qwt2_onnx.cwac.reference import prefix_staged_fit
-
-    t0 = time.perf_counter()
-    parts = Parts.split(data, cfg, batch_size)
-    comps = prefix_staged_fit(float_model, qmodel, plan, data, cfg, batch_size)
-    scores = {"none": output_error(float_model, qmodel, parts.hold, batch_size)}
-    scores["global"] = output_error(float_model, unfused_model(qmodel, comps), parts.hold, batch_size) if comps \
-        else scores["none"]
-    target = "global" if comps and scores["global"] < scores["none"] else "none"
-    stages = layer_stages(qmodel, [lp.node for lp in plan.layers])
-    return CwacFit(comps if target == "global" else {}, target, [], scores, max(stages.values(), default=0),
-                   time.perf_counter() - t0)
-
-
 def _ours(spec: dict) -> dict:
     from qwt2_onnx import CompileConfig, QuantConfig, compile_model
-    from qwt2_onnx import pipeline
     from qwt2_onnx.config import CwacConfig
 
     protocol = spec["cwac"]
     if protocol == "plain":
         cwac = CwacConfig(enabled=False)
     else:
-        cwac = CwacConfig(target="global" if protocol == "prefix" else protocol)
-    if protocol == "prefix":
-        pipeline.fit_compensations = _prefix_fit
+        cwac = CwacConfig(target="global" if protocol == "prefix" else protocol,
+                          protocol="prefix" if protocol == "prefix" else "staged")
     cfg = CompileConfig(quant=QuantConfig(target="ort", wbits=spec["wbits"]), cwac=cwac, holdout_samples=0)
     t0 = time.perf_counter()
     res = compile_model(spec["model"], spec["calib"], spec["out"], cfg, unfused_path=spec.get("unfused"))
@@ -67,9 +45,9 @@ def _ours(spec: dict) -> dict:
            "integer_kernels": len(res.fusion.integer) if res.fusion else None,
            "fusion": res.fusion.summary() if res.fusion else None}
     if res.cwac is not None:
-        row["cwac"] = res.stages["cwac_fit"]
-        row["fold_check"] = res.stages["fold"]["check"]
-        row["inserted_ops"] = res.stages["fold"]["inserted_ops"]
+        row["cwac"] = res.cwac.summary(len(res.plan.layers))
+        row["fold_check"] = res.fold_check.summary() if res.fold_check is not None else None
+        row["inserted_ops"] = res.stages.fold.inserted_ops
         np.savez(spec["out"] + ".gains.npz", **{k: c.gain for k, c in res.cwac.compensations.items()})
     return row
 

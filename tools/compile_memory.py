@@ -8,7 +8,7 @@ fetched tensors one batch may hold; 0 here means no limit, i.e. always
 ``--batch-size 8`` as before the limit existed), a fresh process compiles the
 model on its task's 64 calibration samples (as tools/zoo_eval.py does) while a
 thread samples its resident set every 10 ms; each sample is attributed to the
-pipeline stage running at the time (``pipeline._stage``).  The process reports
+pipeline stage running at the time (the ``on_stage`` hook of ``compile_model``).  The process reports
 its VmHWM and, per stage, the seconds and the peak rise over the RSS when the
 stage began.  Medians over ``--repeat`` processes; ratios are what to read on a
 shared machine.
@@ -16,7 +16,6 @@ shared machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -69,7 +68,7 @@ class StageMemory:
 
 
 def child(name: str, limit_mib: int, cwac: bool) -> dict:
-    from qwt2_onnx import CompileConfig, compile_model, pipeline, runtime
+    from qwt2_onnx import CompileConfig, compile_model, runtime
     from qwt2_onnx.config import CwacConfig
     from zoo import fetch_model
     from zoo_tasks import TASKS
@@ -80,21 +79,9 @@ def child(name: str, limit_mib: int, cwac: bool) -> dict:
     calib = [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(64)]
     del feeds
     mem = StageMemory()
-    real_stage = pipeline._stage
-
-    @contextlib.contextmanager
-    def stage(stage_name, seconds):
-        mem.enter(stage_name)
-        try:
-            with real_stage(stage_name, seconds):
-                yield
-        finally:
-            mem.enter(None)
-
-    pipeline._stage = stage
     with tempfile.TemporaryDirectory() as d:
         res = compile_model(model, calib, Path(d) / "out.onnx", CompileConfig(cwac=CwacConfig(enabled=cwac)),
-                            measure=False)
+                            measure=False, on_stage=mem.enter)
     rise = mem.stop()
     return {"hwm_mb": hwm_mb(), "seconds": res.seconds, "rise_mb": rise, "total_s": sum(res.seconds.values())}
 

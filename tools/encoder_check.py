@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                              "closer_than_plain": int((cos > plain[kind] + 1e-6).sum()),
                              "farther_than_plain": int((cos < plain[kind] - 1e-6).sum())}
             if res.cwac is not None:
-                stage = res.stages["cwac_fit"]
+                stage = res.cwac.summary(len(res.plan.layers))
                 row["cwac"] = {k: stage[k] for k in ("target", "compensated", "layers", "real_positions_only")}
                 row["held_out_output_error"] = stage.get("output_error")
                 row["held_out_samples"] = stage.get("held_out_samples")

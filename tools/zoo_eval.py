@@ -107,10 +107,10 @@ def evaluate_ours(name: str, variant: str, n_calib: int, workdir: Path, calib: C
            "integer_kernels": len(res.fusion.integer), "fusion": res.fusion.summary(),
            "seconds": res.seconds, "op_histogram_equal_plain": ops(res.model) == ops(res.plain_model)}
     if res.cwac is not None:
-        row["cwac"] = {**res.stages["cwac_fit"], "fit_s": round(res.cwac.seconds, 1),
-                       "fold_check": res.stages["fold"]["check"],
-                       "inserted_ops": res.stages["fold"]["inserted_ops"],
-                       "strategies": dict(Counter(res.stages["fold"]["strategies"].values()))}
+        row["cwac"] = {**res.cwac.summary(len(res.plan.layers)), "fit_s": round(res.cwac.seconds, 1),
+                       "fold_check": (res.fold_check.summary() if res.fold_check is not None else None),
+                       "inserted_ops": res.stages.fold.inserted_ops,
+                       "strategies": dict(Counter(res.stages.fold.strategies.values()))}
     metrics, row["output_fidelity"] = evaluate(task, str(out), fsess)
     row.update(metrics)
     return row

@@ -74,7 +74,7 @@ def run(name: str, task, n_calib: int, workdir: Path, initializers: bool = False
                         measure=False)
     row = {"modelopt_s": round(mo_s, 1), "upgrade_s": round(time.perf_counter() - t0, 1),
            "layers": len(res.plan.layers), "skipped": res.plan.skipped, "cwac": res.cwac.gate_record(),
-           "fold_check": res.stages["fold"]["check"], "inserted_ops": res.stages["fold"]["inserted_ops"]}
+           "fold_check": (res.fold_check.summary() if res.fold_check is not None else None), "inserted_ops": res.stages.fold.inserted_ops}
     fsess = session(str(model), True)
     row["float"] = task.evaluate(fsess, fsess)
     for label, path in (("modelopt", qpath), ("upgraded", out)):

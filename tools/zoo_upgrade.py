@@ -70,9 +70,9 @@ def run(name: str, bits: str, n_calib: int, workdir: Path, config: str = "best")
     base.update(base_metrics)
     up = {"model": name, "variant": f"upgrade-ort-{config}-{bits}", "compile_s": round(up_s, 1),
           "fusion": res.fusion.summary(), "layers": len(res.plan.layers), "skipped": res.plan.skipped,
-          "cwac": {**res.stages["cwac_fit"], "fit_s": round(res.cwac.seconds, 1),
-                   "fold_check": res.stages["fold"]["check"], "inserted_ops": res.stages["fold"]["inserted_ops"],
-                   "strategies": dict(Counter(res.stages["fold"]["strategies"].values()))},
+          "cwac": {**res.cwac.summary(len(res.plan.layers)), "fit_s": round(res.cwac.seconds, 1),
+                   "fold_check": (res.fold_check.summary() if res.fold_check is not None else None), "inserted_ops": res.stages.fold.inserted_ops,
+                   "strategies": dict(Counter(res.stages.fold.strategies.values()))},
           "op_histogram_equal_input": ops(res.model) == ops(res.plain_model),
           # what onnxruntime runs (its optimized graph), upgraded minus input: the runtime cost of inserted ops
           "runtime_op_diff": {k: res.fusion.op_histogram.get(k, 0) - before.op_histogram.get(k, 0)

@@ -14,6 +14,7 @@ from ..graph_io import export_model
 from ..graph_queries import output_axis
 from ..passes.fold_compensation import FoldCompensationPass, int32_bias_overflow, skip_reason, snap_bias
 from ..passes.insert_compensation import InsertCompensationPass
+from ..stages import Fold, record
 from .records import Compensation
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 def build_graphs(qmodel, compensations: dict[str, Compensation], int32_bias: bool = True,
                  float_bias: frozenset[str] = frozenset()):
-    """(unfused, fused, fold stats) ModelProtos for ``compensations`` on the QDQ model ``qmodel``.
+    """(unfused, fused ModelProtos, the ``Fold`` record) for ``compensations`` on the QDQ model ``qmodel``.
     ``float_bias``: bias-free layers that get a float bias input rather than an int32 bias DQ
     (``FoldCompensationPass``).
 
@@ -31,7 +32,7 @@ def build_graphs(qmodel, compensations: dict[str, Compensation], int32_bias: boo
     *both* graphs, with its reason in the stats: the unfused graph is always
     what the fused one computes.  Likewise a channel whose folded int32 bias
     would overflow int32 is left uncompensated (g = 1, β = 0) in both: counted
-    per layer in ``stats["int32_bias_overflow"]`` and named in its strategy.
+    per layer in ``Fold.int32_bias_overflow`` and named in its strategy.
     """
     graph = gs.import_onnx(qmodel)
     nodes = {n.name: n for n in graph.nodes}
@@ -55,7 +56,7 @@ def build_graphs(qmodel, compensations: dict[str, Compensation], int32_bias: boo
         if why is not None:
             stats["strategies"][k] = f"skipped: {why}"
             stats["skipped"][why] = stats["skipped"].get(why, 0) + 1
-    return unfused, export_model(result.graph), stats
+    return unfused, export_model(result.graph), record(Fold, stats)
 
 
 def _leave_alone(comp: Compensation, channels: np.ndarray, reason: str) -> Compensation:
