@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .calib_data import ImagePreprocess, InputSpec, random_calibration
+from .cli_bench import bench_cmd
 from .cli_check import check_cmd, diff_cmd
 from .config import CalibConfig, CompileConfig, CwacConfig, QuantConfig
 from .errors import EXIT_INTERNAL, QwtError
@@ -292,6 +293,7 @@ def _demo_accuracy(result) -> str:
 
 main.add_command(check_cmd)
 main.add_command(diff_cmd)
+main.add_command(bench_cmd)
 
 
 @main.command("export")
