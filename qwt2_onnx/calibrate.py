@@ -13,7 +13,7 @@ import onnx
 
 from .calib_data import CalibrationSet
 from .config import CalibConfig
-from .errors import QwtError
+from .errors import QwtError, failed_node
 from .observers import ActivationRange, make_observer
 from .runtime import BatchRunner, make_session, per_sample, with_outputs
 
@@ -42,6 +42,7 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], data: Calibration
     except Exception as e:
         raise QwtError("the float model failed on a calibration sample",
                        notes=[f"after {seen} samples", f"{type(e).__name__}: {str(e)[:300]}"],
-                       fix="check that the calibration data has the model's input shapes and value ranges") from None
+                       fix="check that the calibration data has the model's input shapes and value ranges",
+                       node=failed_node(str(e))) from None
     logger.info("calibrated %d tensors on %d samples (%s)", len(tensors), seen, cfg.method)
     return {t: ActivationRange(t, *obs.range(), cfg.method) for t, obs in observers.items()}

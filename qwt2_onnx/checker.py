@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from .calib_data import CalibrationSet
+from .cwac.records import GateRecord, LayerRow
 from .diffstats import DiffAccumulator, DiffStats, Tolerance, Verdict
 from .equivalence import (
     FoldCheck,
@@ -94,11 +95,11 @@ class Comparison:
 class CheckReport:
     kind: str  # "check" | "diff" | "compile"
     models: dict[str, str]  # role -> path or description
-    data: dict  # source, samples, sha256, seed
+    data: DataSummary
     comparisons: list[Comparison]
     created: str  # the only time-dependent field
-    cwac_layers: list[dict] = dataclasses.field(default_factory=list)
-    cwac_gate: dict | None = None  # compile only: the model-level choice (``CwacFit.gate_record``)
+    cwac_layers: list[LayerRow] = dataclasses.field(default_factory=list)  # compile only: per layer
+    cwac_gate: GateRecord | None = None  # compile only: the model-level choice (``CwacFit.gate_record``)
     schema: str = SCHEMA
 
     @property
@@ -114,7 +115,21 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def data_summary(data: CalibrationSet, batch_size: int, seed: int | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class DataSummary:
+    """What a report ran on: the source, the sample count, a SHA-256 over every input array in order and
+    the seed of generated data."""
+
+    source: str
+    samples: int
+    sha256: str
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def data_summary(data: CalibrationSet, batch_size: int, seed: int | None = None) -> DataSummary:
     """Source, sample count and a SHA-256 over every input array in order, so a report names its data."""
     h, n = hashlib.sha256(), 0
     for feed in data:  # sample by sample: the hash names the data, whatever the batch size
@@ -122,7 +137,7 @@ def data_summary(data: CalibrationSet, batch_size: int, seed: int | None = None)
             h.update(name.encode())
             h.update(np.ascontiguousarray(feed[name]).tobytes())
         n += 1
-    return {"source": data.description, "samples": n, "sha256": h.hexdigest(), "seed": seed}
+    return DataSummary(data.description, n, h.hexdigest(), seed)
 
 
 def _lsb_scales(model: onnx.ModelProto) -> dict[str, float]:

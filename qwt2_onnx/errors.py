@@ -15,11 +15,13 @@ from __future__ import annotations
 class QwtError(Exception):
     """A user-facing error: what failed, the actual values, and the fix."""
 
-    def __init__(self, message: str, notes: list[str] | None = None, fix: str | None = None):
+    def __init__(self, message: str, notes: list[str] | None = None, fix: str | None = None,
+                 node: str | None = None):
         super().__init__(message)
         self.message = message
         self.notes = list(notes or [])
         self.fix = fix
+        self.node = node  # the graph node it failed on, where known (a stage failure names it)
 
     def __str__(self) -> str:
         lines = [self.message]
@@ -37,9 +39,8 @@ class StageError(QwtError):
         detail = cause.message if isinstance(cause, QwtError) else f"{type(cause).__name__}: {cause}"
         notes = cause.notes if isinstance(cause, QwtError) else []
         fix = cause.fix if isinstance(cause, QwtError) else None
-        super().__init__(f"stage '{stage}' failed{where}: {detail}", notes, fix)
+        super().__init__(f"stage '{stage}' failed{where}: {detail}", notes, fix, node)
         self.stage = stage
-        self.node = node
 
 
 class CheckFailed(QwtError):
@@ -62,3 +63,11 @@ class Interrupted(KeyboardInterrupt):
 
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def failed_node(message: str) -> str | None:
+    """The node an onnxruntime error names (``... running Conv node. Name:'conv1' Status Message: ...``)."""
+    import re
+
+    found = re.search(r"node\. Name:'([^']*)'", message)
+    return found.group(1) if found else None

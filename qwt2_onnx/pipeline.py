@@ -6,7 +6,7 @@
 ``verify`` is one pass over the evaluation samples (:mod:`verify`): the fused vs unfused fold check that
 gates the write, the report's comparisons and the fidelity summary.
 
-Each stage's failure is re-raised as a ``StageError`` naming the stage.
+Each stage's failure is re-raised as a ``StageError`` naming the stage, and the node where it is known.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from .cwac.records import CwacFit
 from .diffstats import Tolerance
 from .compile_outputs import FOLD_OUTPUT_ATOL, FOLD_TOLERANCE, check_paths, write_outputs
 from .equivalence import FoldCheck
-from .errors import CheckFailed, QwtError, StageError
+from .errors import CheckFailed, QwtError, StageError, failed_node
 from .fidelity import FidelityReport
 from .graph_io import export_model
 from .inspect_ort import FusionReport, fusion_report
@@ -89,9 +89,11 @@ class StageClock:
         except (StageError, CheckFailed, MemoryError, OSError):  # the CLI says what each of these means
             raise
         except QwtError as e:
-            raise StageError(name, e) from None
+            raise StageError(name, e, e.node) from None
         except Exception as e:  # our bug, but say where it happened; keep the traceback
-            raise RuntimeError(f"stage '{name}' failed: {type(e).__name__}: {e}") from e
+            node = failed_node(str(e))
+            where = f" on node '{node}'" if node else ""
+            raise RuntimeError(f"stage '{name}' failed{where}: {type(e).__name__}: {e}") from e
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
             if self.on_stage is not None:

@@ -12,6 +12,7 @@ import json
 import math
 
 from .checker import CheckReport, Comparison
+from .cwac.records import GateRecord
 from .diffstats import HIST_EDGES, DiffStats
 
 PALETTE = {"plain": "#d62728", "cwac": "#1f77b4", "bar": "#1f77b4", "pass": "#2ca02c", "fail": "#d62728"}
@@ -35,7 +36,7 @@ def to_json(report: CheckReport) -> dict:
 
     return {
         "schema": report.schema, "kind": report.kind, "created": report.created, "passed": report.passed,
-        "models": report.models, "data": report.data,
+        "models": report.models, "data": report.data.to_dict(),
         "verdicts": [verdict(v) for v in report.verdicts],
         "comparisons": [{
             "title": c.title, "role": c.role, "reference": c.reference, "candidate": c.candidate,
@@ -46,8 +47,8 @@ def to_json(report: CheckReport) -> dict:
             "code_lsb_histogram": None if c.code_lsb_histogram is None else
             {str(k): v for k, v in c.code_lsb_histogram.items()},
             "tie_flips": c.tie_flips} for c in report.comparisons],
-        "cwac_layers": report.cwac_layers,
-        "cwac_gate": report.cwac_gate,
+        "cwac_layers": [row.to_dict() for row in report.cwac_layers],
+        "cwac_gate": report.cwac_gate.to_dict() if report.cwac_gate is not None else None,
         "histogram_edges": [float(e) for e in HIST_EDGES],
     }
 
@@ -72,8 +73,8 @@ def render_terminal(report: CheckReport, max_lines: int = 12) -> str:
             lines.append(f"    activation codes differing: {off}/{total} (max {max(c.code_lsb_histogram)} LSB), "
                          f"at rounding ties: {c.tie_flips}")
     lines.append(("PASSED" if report.passed else "FAILED") + f" | {report.kind} | {len(report.verdicts)} verdicts, "
-                 f"{len(failed)} failed | data {report.data.get('samples')} samples sha256 "
-                 f"{str(report.data.get('sha256'))[:12]}")
+                 f"{len(failed)} failed | data {report.data.samples} samples sha256 "
+                 f"{report.data.sha256[:12]}")
     return "\n".join(lines)
 
 
@@ -190,10 +191,11 @@ def held_out_account(samples: dict) -> str:
     return f"held-out samples whose output error the candidate raised, of {samples['n']}: {each}"
 
 
-def gate_html(gate: dict | None) -> str:
+def gate_html(record: GateRecord | None) -> str:
     """The CWAC output gate's choice: each candidate's held-out output error and the samples it made worse."""
-    if not gate:
+    if record is None:
         return ""
+    gate = record.to_dict()
     errs = ", ".join(f"{html.escape(k)} {v:.3g}" for k, v in gate["output_error"].items())
     samples = gate["held_out_samples"]
     worse = f"; {html.escape(held_out_account(samples))}" if samples and samples["worse_than_none"] else ""
@@ -215,7 +217,7 @@ def render_html(report: CheckReport) -> str:
         "".join(f'<p class="pass">{html.escape(v.line())}</p>'
                 for v in [v for v in report.verdicts if v.kind == "output"][:5])
     models = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in report.models.items())
-    data = html.escape(json.dumps(report.data))
+    data = html.escape(json.dumps(report.data.to_dict()))
     body = "".join(_comparison_html(c) for c in report.comparisons)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>qwt2-onnx {html.escape(report.kind)} report: {verdict}</title>

@@ -154,15 +154,15 @@ def test_a_vetoed_candidate_is_reported():
     fit = CwacFit({}, "local", [], {"none": 0.13, "global": 0.066, "local": 0.09}, 0, 0.0,
                   decisions={"none": 0.955, "global": 0.934, "local": 0.96}, vetoed=["global"])
     record = fit.gate_record()
-    assert record["decision_agreement"] == {"none": 0.955, "global": 0.934, "local": 0.96}
-    assert record["vetoed"] == ["global"]
+    assert record.decision_agreement == {"none": 0.955, "global": 0.934, "local": 0.96}
+    assert record.vetoed == ["global"]
     schema = json.loads(resources.files("qwt2_onnx").joinpath("data/check_report.schema.json").read_text())
-    jsonschema.validate(record, {**schema["$defs"]["cwac_gate"], "$defs": schema["$defs"]})
+    jsonschema.validate(record.to_dict(), {**schema["$defs"]["cwac_gate"], "$defs": schema["$defs"]})
     lines = cwac_lines(SimpleNamespace(cwac=fit, stages=Stages(), fold_check=None, plan=SimpleNamespace(layers=[1, 2])))
     assert any("global not kept" in x and "0.9550 → 0.9340" in x for x in lines)
     assert "less often than no compensation: global" in gate_html(record)
     fine = CwacFit({}, "local", [], {}, 0, 0.0, decisions={"none": 0.955, "local": 0.96})
-    assert fine.gate_record()["vetoed"] == []
+    assert fine.gate_record().vetoed == []
     assert not any("decision" in x for x in cwac_lines(SimpleNamespace(cwac=fine, stages=Stages(), fold_check=None,
                                                                           plan=SimpleNamespace(layers=[1]))))
-    assert CwacFit({}, "none", [], {}, 0, 0.0).gate_record()["decision_agreement"] is None
+    assert CwacFit({}, "none", [], {}, 0, 0.0).gate_record().decision_agreement is None

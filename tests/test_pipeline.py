@@ -242,3 +242,26 @@ def test_simplify_does_not_import_torch_and_torch_still_imports(tmp_path):
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_stage_failure_names_the_node_it_failed_on(tmp_path):
+    """A model that passes every static check but fails at run time on the calibration data (a Reshape to
+    [-1, 3] of 4 values): the calibrate stage's error names the stage and onnxruntime's failing node."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qwt2_onnx.errors import StageError
+
+    w = numpy_helper.from_array(np.ones((3, 2), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"], name="the_reshape"),
+         helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "k"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    calib = [{"x": np.ones((1, 4), np.float32)} for _ in range(4)]
+    with pytest.raises(StageError) as info:
+        compile_model(tmp_path / "m.onnx", calib, tmp_path / "q.onnx", CompileConfig(simplify=False), measure=False)
+    assert info.value.stage == "calibrate" and info.value.node == "the_reshape"
+    assert "stage 'calibrate' failed on node 'the_reshape'" in str(info.value)
+    assert not (tmp_path / "q.onnx").exists()

@@ -73,7 +73,7 @@ def run(name: str, task, n_calib: int, workdir: Path, initializers: bool = False
     res = upgrade_model(qpath, model, samples, out, CompileConfig(quant=QuantConfig(target="trt"), holdout_samples=0),
                         measure=False)
     row = {"modelopt_s": round(mo_s, 1), "upgrade_s": round(time.perf_counter() - t0, 1),
-           "layers": len(res.plan.layers), "skipped": res.plan.skipped, "cwac": res.cwac.gate_record(),
+           "layers": len(res.plan.layers), "skipped": res.plan.skipped, "cwac": res.cwac.gate_record().to_dict(),
            "fold_check": (res.fold_check.summary() if res.fold_check is not None else None), "inserted_ops": res.stages.fold.inserted_ops}
     fsess = session(str(model), True)
     row["float"] = task.evaluate(fsess, fsess)

@@ -66,6 +66,42 @@ class HeldOutSamples:
 
 
 @dataclasses.dataclass(frozen=True)
+class GateRecord:
+    """The output gate's choice, as the report carries it (``cwac_gate`` in docs/REPORT.md)."""
+
+    target: str  # the candidate kept
+    output_error: dict[str, float]  # candidate -> held-out output error
+    held_out_samples: HeldOutSamples | None
+    decision_agreement: dict[str, float] | None  # candidate -> share of Softmax argmax equal to float's
+    vetoed: list[str]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    """One layer of the chosen fit, as the report carries it (``cwac_layers`` in docs/REPORT.md)."""
+
+    layer: str
+    stage: int
+    status: str
+    fold: str  # how it was folded ("–": not folded)
+    gain_min: float | None
+    gain_max: float | None
+    negative_gains: int
+    heldout_mse_before: float
+    heldout_mse_after: float
+    fit: str
+    positions: str  # "real" (position mask) or "all"
+    zero_variance_channels: int
+    rejected_channels: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class CwacFit:
     """What the fit chose: ``compensations`` (empty when none pays) and why."""
 
@@ -110,35 +146,30 @@ class CwacFit:
         """Layers fitted to keep their target's spread (score heads)."""
         return sum(f.fit == "keep spread" for f in self.layers)
 
-    def gate_record(self) -> dict:
-        """The output gate's choice for the report (JSON): the target kept, each candidate's held-out output
-        error and the per-sample account (:meth:`held_out_samples`)."""
-        samples = self.held_out_samples()
-        return {"target": self.target, "output_error": {k: round(v, 8) for k, v in self.output_error.items()},
-                "held_out_samples": samples.to_dict() if samples is not None else None,
-                "decision_agreement": {k: round(v, 6) for k, v in self.decisions.items()} or None,
-                "vetoed": list(self.vetoed)}
+    def gate_record(self) -> GateRecord:
+        """The output gate's choice for the report: the target kept, each candidate's held-out output error
+        and the per-sample account (:meth:`held_out_samples`)."""
+        return GateRecord(self.target, {k: round(v, 8) for k, v in self.output_error.items()},
+                          self.held_out_samples(), {k: round(v, 6) for k, v in self.decisions.items()} or None,
+                          list(self.vetoed))
 
     def summary(self, n_layers: int) -> dict:
         """The fit in one JSON record (``qwt2-onnx compile --json``, the benchmarks)."""
-        return {**self.gate_record(), "compensated": len(self.compensations), "layers": n_layers,
+        return {**self.gate_record().to_dict(), "compensated": len(self.compensations), "layers": n_layers,
                 "stages": self.stages, "score_heads_keep_spread": self.score_heads,
                 "real_positions_only": self.real_positions_layers,
                 "full_range_negative_gain_left_alone": self.full_range_left_alone, "fit_s": round(self.seconds, 2)}
 
-    def layer_rows(self, strategies: dict[str, str]) -> list[dict]:
+    def layer_rows(self, strategies: dict[str, str]) -> list[LayerRow]:
         """One report record per layer of the chosen fit: stage, status, fold strategy (``strategies``:
         layer -> how it was folded), gain range, held-out error."""
         rows = []
         for f in self.layers:
             comp = self.compensations.get(f.layer)
-            rows.append({"layer": f.layer, "stage": f.stage,
-                         "status": f.status if self.target != "none" else "not compensated: no held-out output gain",
-                         "fold": strategies.get(f.layer, "–"),
-                         "gain_min": float(comp.gain.min()) if comp is not None else None,
-                         "gain_max": float(comp.gain.max()) if comp is not None else None,
-                         "negative_gains": int((comp.gain < 0).sum()) if comp is not None else 0,
-                         "heldout_mse_before": f.mse_before, "heldout_mse_after": f.mse_after,
-                         "fit": f.fit, "positions": "real" if f.real_positions_only else "all",
-                         "zero_variance_channels": f.zero_variance, "rejected_channels": f.rejected_channels})
+            rows.append(LayerRow(
+                f.layer, f.stage, f.status if self.target != "none" else "not compensated: no held-out output gain",
+                strategies.get(f.layer, "–"), float(comp.gain.min()) if comp is not None else None,
+                float(comp.gain.max()) if comp is not None else None,
+                int((comp.gain < 0).sum()) if comp is not None else 0, f.mse_before, f.mse_after, f.fit,
+                "real" if f.real_positions_only else "all", f.zero_variance, f.rejected_channels))
         return rows
