@@ -37,7 +37,7 @@ from .equivalence import (
     layer_outputs,
 )
 from .errors import QwtError
-from .runtime import batch_size_within, batches, make_session, with_outputs
+from .runtime import make_session, paired_runs, with_outputs
 
 SCHEMA = "qwt2-onnx/check-report/1"
 
@@ -211,9 +211,8 @@ def deployed_comparison(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: 
     dep = make_session(with_outputs(fused, acc.dep_fetch), optimized=True)
     sim = make_session(with_outputs(unfused, acc.sim_fetch), optimized=False)
     want_dep, want_sim = acc.outputs + list(acc.dep_fetch), acc.outputs + list(acc.sim_fetch)
-    size = batch_size_within(data, batch_size, lambda f: [*dep.run(want_dep, f), *sim.run(want_sim, f)])
-    for feed, _ in batches(data, size):
-        acc.update(dict(zip(want_dep, dep.run(want_dep, feed))), dict(zip(want_sim, sim.run(want_sim, feed))))
+    for _, (d, s) in paired_runs(data, batch_size, [(dep, want_dep), (sim, want_sim)]):
+        acc.update(d, s)
     return acc.result(names)
 
 
@@ -269,9 +268,8 @@ def layer_comparison(title: str, ref: onnx.ModelProto, cand: onnx.ModelProto, da
     rs = make_session(with_outputs(ref, acc.ref_fetch), optimized=ref_optimized)
     cs = make_session(with_outputs(cand, acc.cand_fetch), optimized=cand_optimized)
     rn, cn = acc.outputs + list(acc.ref_fetch), acc.outputs + list(acc.cand_fetch)
-    size = batch_size_within(data, batch_size, lambda f: [*rs.run(rn, f), *cs.run(cn, f)])
-    for feed, _ in batches(data, size):
-        acc.update(dict(zip(rn, rs.run(rn, feed))), dict(zip(cn, cs.run(cn, feed))))
+    for _, (r, c) in paired_runs(data, batch_size, [(rs, rn), (cs, cn)]):
+        acc.update(r, c)
     return acc.result(title, names, tolerances, role)
 
 

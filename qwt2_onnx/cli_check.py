@@ -82,7 +82,8 @@ def _same_interface(a, b, names: tuple[str, str]) -> None:
 
 def _write_report(report, directory: Path | None) -> None:
     from .model_io import save_text_atomic
-    from .report import dumps, render_html, render_terminal
+    from .render import render_terminal
+    from .report import dumps, render_html
 
     click.echo(render_terminal(report))
     if directory is not None:

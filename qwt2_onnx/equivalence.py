@@ -34,7 +34,7 @@ from onnx import helper
 from .calib_data import CalibrationSet
 from .diffstats import DiffAccumulator, DiffStats
 from .errors import QwtError
-from .runtime import batch_size_within, batches, make_session, with_outputs
+from .runtime import make_session, paired_runs, with_outputs
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -190,7 +190,6 @@ def check_fold(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: Calibrati
     run_f = make_session(with_outputs(fused, acc.fetch), optimized=False)
     names = acc.free_names
     # sized by the free-running pair, whose fetches (every activation code) are the larger ones
-    size = batch_size_within(data, batch_size, lambda f: [*run_u.run(names, f), *run_f.run(names, f)])
-    for feed, _ in batches(data, size):
-        acc.update(feed, dict(zip(names, run_u.run(names, feed))), dict(zip(names, run_f.run(names, feed))))
+    for feed, (u, f) in paired_runs(data, batch_size, [(run_u, names), (run_f, names)]):
+        acc.update(feed, u, f)
     return acc.result()

@@ -1,4 +1,5 @@
-"""Terminal rendering of a CompileResult (dumb: reads records, formats text)."""
+"""Everything the terminal shows: a compile's summary (``render_summary``) and a check report's verdicts
+(``render_terminal``).  Dumb: reads records, formats text."""
 from __future__ import annotations
 
 from collections import Counter
@@ -42,8 +43,6 @@ def render_summary(result) -> str:
                          f"deployed SQNR {d.sqnr_db:.1f} dB cos {d.cosine:.5f}{base}")
     if result.report is not None:
         from .compile_outputs import report_paths
-        from .report import render_terminal
-
         lines.append("check: " + render_terminal(result.report, max_lines=4).replace("\n", "\n  "))
         lines.append(f"report: {report_paths(result.output_path)[0]} and .html")
     times = " ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
@@ -99,3 +98,25 @@ def cwac_lines(result) -> list[str]:
         lines.append(f"  fused vs unfused (same activation codes): max relative difference {check.worst_forced:.2g}; "
                      f"free-running: {check.flipped}/{check.codes} activation codes differ (rounding ties)")
     return lines
+
+
+def render_terminal(report, max_lines: int = 12) -> str:
+    """A ``checker.CheckReport`` in a few lines: failed verdicts first, one line per comparison, the verdict."""
+    lines = []
+    failed = [v for v in report.verdicts if not v.passed]
+    shown = failed[:max_lines] if failed else [v for v in report.verdicts if v.kind == "output"][:max_lines]
+    lines += [v.line() for v in shown]
+    if len(failed) > max_lines:
+        lines.append(f"... and {len(failed) - max_lines} more failures")
+    for c in report.comparisons:
+        outs = "; ".join(f"{k}: max|Δ| {s.max_abs:.3g}, SQNR {s.sqnr_db:.1f} dB" for k, s in list(c.outputs.items())[:3])
+        lines.append(f"[{c.role}] {c.title}: {outs}")
+        if c.code_lsb_histogram:
+            total = sum(c.code_lsb_histogram.values())
+            off = total - c.code_lsb_histogram.get(0, 0)
+            lines.append(f"    activation codes differing: {off}/{total} (max {max(c.code_lsb_histogram)} LSB), "
+                         f"at rounding ties: {c.tie_flips}")
+    lines.append(("PASSED" if report.passed else "FAILED") + f" | {report.kind} | {len(report.verdicts)} verdicts, "
+                 f"{len(failed)} failed | data {report.data.samples} samples sha256 "
+                 f"{report.data.sha256[:12]}")
+    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Renderers of a :class:`checker.CheckReport`: terminal text, JSON (versioned schema), self-contained HTML.
+"""Files of a :class:`checker.CheckReport`: JSON (versioned schema) and self-contained HTML (the terminal text is
+:mod:`render`'s).
 
 Dumb by design: they only read the records.  The JSON schema is
 ``qwt2_onnx/data/check_report.schema.json``, documented in docs/REPORT.md.
@@ -55,27 +56,6 @@ def to_json(report: CheckReport) -> dict:
 
 def dumps(report: CheckReport) -> str:
     return json.dumps(to_json(report), indent=1, sort_keys=True, allow_nan=False) + "\n"
-
-
-def render_terminal(report: CheckReport, max_lines: int = 12) -> str:
-    lines = []
-    failed = [v for v in report.verdicts if not v.passed]
-    shown = failed[:max_lines] if failed else [v for v in report.verdicts if v.kind == "output"][:max_lines]
-    lines += [v.line() for v in shown]
-    if len(failed) > max_lines:
-        lines.append(f"... and {len(failed) - max_lines} more failures")
-    for c in report.comparisons:
-        outs = "; ".join(f"{k}: max|Δ| {s.max_abs:.3g}, SQNR {s.sqnr_db:.1f} dB" for k, s in list(c.outputs.items())[:3])
-        lines.append(f"[{c.role}] {c.title}: {outs}")
-        if c.code_lsb_histogram:
-            total = sum(c.code_lsb_histogram.values())
-            off = total - c.code_lsb_histogram.get(0, 0)
-            lines.append(f"    activation codes differing: {off}/{total} (max {max(c.code_lsb_histogram)} LSB), "
-                         f"at rounding ties: {c.tie_flips}")
-    lines.append(("PASSED" if report.passed else "FAILED") + f" | {report.kind} | {len(report.verdicts)} verdicts, "
-                 f"{len(failed)} failed | data {report.data.samples} samples sha256 "
-                 f"{report.data.sha256[:12]}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- HTML

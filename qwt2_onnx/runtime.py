@@ -125,6 +125,16 @@ def per_sample(x: np.ndarray, n: int) -> list[np.ndarray]:
     return [x[i * k:(i + 1) * k] for i in range(n)]
 
 
+def paired_runs(samples: Iterable[Feed], batch_size: int, runs: list[tuple[ort.InferenceSession, list[str]]],
+                ) -> Iterator[tuple[Feed, list[dict[str, np.ndarray]]]]:
+    """The one loop of every comparison: each (session, output names) of ``runs`` on the same batches, in
+    that order; yields (feed, [each session's outputs by name]).  Batches are sized for all the runs
+    together (:func:`batch_size_within`); ``samples`` is iterated twice when ``batch_size`` > 1."""
+    size = batch_size_within(samples, batch_size, lambda f: [o for s, names in runs for o in s.run(names, f)])
+    for feed, _ in batches(samples, size):
+        yield feed, [dict(zip(names, s.run(names, feed))) for s, names in runs]
+
+
 class BatchRunner:
     """Runs one or more sessions on the same batches; falls back to one sample at a
     time when a model cannot take a batch (fixed batch dims inside the graph)."""
