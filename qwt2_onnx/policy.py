@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .config import QuantConfig
-from .graph_queries import integer_weights, output_axis
+from .graph_queries import integer_weights, output_axis, producer_of
 from .quant import integer_range
 
 logger = logging.getLogger(__name__)
@@ -238,10 +238,8 @@ def left_float_ops(graph: gs.Graph) -> dict[str, str]:
 
 def _dq_of_constant(t: gs.Tensor) -> gs.Node | None:
     """The DequantizeLinear producing ``t`` from a constant integer tensor, if any."""
-    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "DequantizeLinear":
-        dq = t.inputs[0]
-        return dq if isinstance(dq.inputs[0], gs.Constant) else None
-    return None
+    dq = producer_of(t, "DequantizeLinear")
+    return dq if dq is not None and isinstance(dq.inputs[0], gs.Constant) else None
 
 
 
