@@ -143,6 +143,10 @@ def main(verbose: int) -> None:
 @click.option("--external-data-above", type=int, default=None, metavar="BYTES",
               help="Write weights as external data (OUT.data) above this model size [2 GB, protobuf's limit; "
                    "always when the input has external data].")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Fit CWAC over shards of the calibration data on this Ray cluster ([ray] extra; --calib must be "
+                   "a path every node can read).")
+@click.option("--ray-workers", type=int, default=2, show_default=True, help="Shard workers for --ray (one CPU each).")
 @click.option("--image-size", default=None, help="Image folders: H,W.")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
 @click.option("--mean", default="0,0,0", show_default=True)
@@ -153,7 +157,7 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
                 calib_method, percentile, batch_size, max_samples, exclude, exclude_op, float_model, cwac_params, act_ranges,
                 no_cwac, cwac_target, cwac_head_fit, cwac_position_mask,
                 cwac_lambda, cwac_cache_mib, emit_unfused, no_check, no_simplify, external_data_above,
-                image_size, layout, mean, std, scale, channel_order) -> None:
+                ray_address, ray_workers, image_size, layout, mean, std, scale, channel_order) -> None:
     """Compile MODEL (float ONNX) into a QDQ model.  Without MODEL: the embedded digits CNN."""
     from . import default_model
     from .pipeline import compile_model, upgrade_model
@@ -175,7 +179,7 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
                                            position_mask=cwac_position_mask,
                                            **({} if cwac_cache_mib is None else {"cache_mib": cwac_cache_mib})),
                            simplify=not no_simplify, check=not no_check,
-                           external_data_above=external_data_above)
+                           external_data_above=external_data_above, ray_address=ray_address, ray_workers=ray_workers)
     _warn_no_effect(no_cwac, calib_method, calib, image_size)
     if random_calib is not None and random_calib < 1:
         raise QwtError(f"--random-calib {random_calib}: at least one sample is needed", fix="e.g. --random-calib 32")

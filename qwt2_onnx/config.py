@@ -186,8 +186,14 @@ class CompileConfig:
     # write the model with external data above this serialized size (None: protobuf's 2 GB limit); a model
     # read with external data is always written with external data
     external_data_above: int | None = None
+    # the CWAC fit over shards of the calibration samples on a Ray cluster (``ray_shards``; the [ray] extra):
+    # its address, and how many shard workers (one CPU each)
+    ray_address: str | None = None
+    ray_workers: int = 2
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.ray_workers, int) and self.ray_workers >= 1, "--ray-workers", self.ray_workers,
+                 "pass a whole number of workers >= 1")
         _require(self.external_data_above is None or (isinstance(self.external_data_above, int)
                                                       and self.external_data_above >= 0),
                  "--external-data-above", self.external_data_above, "pass a size in bytes >= 0")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import os
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +22,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calib_data import CalibrationSet, InputSpec, open_calibration
+from .calib_data import IMAGE_SUFFIXES, CalibrationSet, InputSpec, open_calibration
 from .calibrate import collect_ranges
 from .checker import CheckReport, data_summary, fold_comparisons, now
 from .config import CompileConfig
@@ -125,6 +127,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
     qcfg, stage, rec = config.quant, StageClock(on_stage), {}
     model_path, output_path = Path(model_path), Path(output_path)
     check_paths(config, output_path, unfused_path, [(model_path, "input model")], calib)
+    _check_ray(config, calib)
     with stage("load"):
         repairs: list[str] = []
         model, external = read_model(model_path, repairs)  # big models keep their weights beside the graph, out as in
@@ -166,8 +169,8 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
     with stage("insert_qdq"):
         rec["insert_qdq"] = record(InsertQDQ, InsertQDQPass(plan, ranges, qcfg)(graph).stats)
         plain = export_model(graph)
-    return _compensate_and_write(_Plain(float_model, plain, plan, external), calib_part, eval_part, held_out, config,
-                                 _Outputs(output_path, unfused_path, measure), stage, rec)
+    return _compensate_and_write(_Plain(float_model, plain, plan, external, calib_source=_source(calib)), calib_part,
+                                 eval_part, held_out, config, _Outputs(output_path, unfused_path, measure), stage, rec)
 
 
 def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_path: str | Path,
@@ -180,6 +183,7 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
     stage, rec = StageClock(on_stage), {}
     qdq_path, float_path, output_path = Path(qdq_path), Path(float_path), Path(output_path)
     check_paths(config, output_path, unfused_path, [(qdq_path, "input model"), (float_path, "float model")], calib)
+    _check_ray(config, calib)
     if config.calib.range_overrides is not None:
         raise QwtError("activation range overrides have no effect in upgrade mode",
                        notes=["the QDQ model's own activation quantizers are kept as they are"],
@@ -213,8 +217,8 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
         float_layers = frozenset(fusion_report(plain, plan.integer_weights(plain)).float_) \
             if config.quant.target == "ort" and config.cwac.enabled else frozenset()
     calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
-    return _compensate_and_write(_Plain(float_model, plain, plan, external, float_layers), calib_part, eval_part,
-                                 held_out, config, _Outputs(output_path, unfused_path, measure), stage, rec)
+    return _compensate_and_write(_Plain(float_model, plain, plan, external, float_layers, _source(calib)), calib_part,
+                                 eval_part, held_out, config, _Outputs(output_path, unfused_path, measure), stage, rec)
 
 
 def normalize_upgrade_inputs(qmodel: onnx.ModelProto, fmodel: onnx.ModelProto) -> tuple:
@@ -242,6 +246,7 @@ class _Plain:
     plan: QuantPlan
     external: bool
     float_bias: frozenset[str] = frozenset()
+    calib_source: str | None = None  # the calibration data's path (what shard workers read)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +268,7 @@ def _compensate_and_write(p: _Plain, calib_part: CalibrationSet, eval_part: Cali
         config = dataclasses.replace(config, cwac=dataclasses.replace(config.cwac, enabled=False))
     if config.cwac.enabled:
         with stage("cwac_fit"):
-            cwac = _fit(p.float_model, p.model, p.plan, calib_part, config)
+            cwac = _fit(p.float_model, p.model, p.plan, calib_part, config, p.calib_source)
         with stage("fold"):
             unfused, fused, rec["fold"] = build_graphs(p.model, cwac.compensations,
                                                        int32_bias=config.quant.target == "ort", float_bias=p.float_bias)
@@ -309,14 +314,39 @@ def _range_overrides(config: CompileConfig, plan: QuantPlan) -> dict:
     return load_range_overrides(config.calib.range_overrides, plan)
 
 
-def _fit(float_model, plain, plan, calib_part, config) -> CwacFit:
+def _fit(float_model, plain, plan, calib_part: CalibrationSet, config: CompileConfig, source: str | None) -> CwacFit:
     if config.cwac.params is not None:  # fitted elsewhere: the same output gate as a fitted compensation
         cwac = gate_given(float_model, plain, load_cwac_params(config.cwac.params, plan, plain), calib_part,
                           config.cwac, config.calib.batch_size)
     else:
-        cwac = fit_compensations(float_model, plain, plan, calib_part, config.cwac, config.calib.batch_size)
+        shards = None
+        if config.ray_address is not None:  # imported only here: a compile without --ray never imports ray
+            from .ray_shards import RayShards
+
+            shards = RayShards(config.ray_address, config.ray_workers, source, calib_part.specs, calib_part.length)
+        cwac = fit_compensations(float_model, plain, plan, calib_part, config.cwac, config.calib.batch_size,
+                                 shards=shards)
     comps, constrained = constrain_full_range(plain, cwac.compensations)
     return dataclasses.replace(cwac, compensations=comps, full_range_left_alone=constrained)
+
+
+def _source(calib) -> str | None:
+    return str(calib) if isinstance(calib, (str, os.PathLike)) else None
+
+
+def _check_ray(config: CompileConfig, calib) -> None:
+    """``--ray``: the shard workers read the calibration data themselves, so it must be a path, and the extra
+    must be installed — both checked before any work."""
+    if config.ray_address is None:
+        return
+    if _source(calib) is None:
+        raise QwtError("--ray needs the calibration data as a path every node of the cluster can read",
+                       notes=[f"got {type(calib).__name__}"], fix="pass --calib PATH on storage the nodes share")
+    if os.path.isdir(calib) and any(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in os.listdir(calib)):
+        raise QwtError("--ray does not read image folders yet", notes=[f"--calib {calib} holds images"],
+                       fix="convert them to an .npz (or a folder of .npy/.npz) once, or compile without --ray")
+    if importlib.util.find_spec("ray") is None:
+        raise QwtError("--ray needs Ray, which is not installed", fix="pip install 'qwt2-onnx[ray]'")
 
 
 def _lint_and_export(graph: gs.Graph, qcfg) -> onnx.ModelProto:

@@ -21,7 +21,7 @@ fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
-python -m pip install -q -e '.[test,torch]'
+python -m pip install -q -e '.[test,torch,ray]'
 set +e
 python -m pytest -q "$@"
 rc=$?

@@ -57,16 +57,26 @@ class ChannelSums:
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(self.channels, np.float64))
 
+    @staticmethod
+    def terms(q: np.ndarray, f: np.ndarray, axis: int) -> "ChannelSums":
+        """One chunk's sums (channels on ``axis``), to be :meth:`add`-ed where they are merged: adding chunks'
+        terms in order gives the same float64 sums as :meth:`update`-ing with the chunks in that order."""
+        channels = q.shape[axis % q.ndim]
+        q2 = np.moveaxis(q, axis % q.ndim, -1).reshape(-1, channels).astype(np.float64)
+        f2 = np.moveaxis(f, axis % f.ndim, -1).reshape(-1, channels).astype(np.float64)
+        return ChannelSums(channels, axis, float(q2.shape[0]), q2.sum(0), f2.sum(0), np.einsum("ij,ij->j", q2, q2),
+                           np.einsum("ij,ij->j", q2, f2), np.einsum("ij,ij->j", f2, f2))
+
+    def add(self, t: "ChannelSums") -> None:
+        self.n += t.n
+        self.sq += t.sq
+        self.sf += t.sf
+        self.sqq += t.sqq
+        self.sqf += t.sqf
+        self.sff += t.sff
+
     def update(self, q: np.ndarray, f: np.ndarray) -> None:
-        axis = self.axis % q.ndim
-        q2 = np.moveaxis(q, axis, -1).reshape(-1, self.channels).astype(np.float64)
-        f2 = np.moveaxis(f, axis, -1).reshape(-1, self.channels).astype(np.float64)
-        self.n += q2.shape[0]
-        self.sq += q2.sum(0)
-        self.sf += f2.sum(0)
-        self.sqq += np.einsum("ij,ij->j", q2, q2)
-        self.sqf += np.einsum("ij,ij->j", q2, f2)
-        self.sff += np.einsum("ij,ij->j", f2, f2)
+        self.add(self.terms(q, f, self.axis))
 
     def mse(self, gain: np.ndarray | None = None, bias: np.ndarray | None = None) -> float:
         """Mean squared error of (g·q + β) vs f over all channels, from the sums."""

@@ -34,26 +34,24 @@ are split into a fit part and a held-out part (the last ``holdout_fraction``):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from ..calib_data import CalibrationSet, InputSpec
 from ..config import CwacConfig
 from ..errors import QwtError
-from ..graph_io import export_model
-from ..graph_queries import channel_axis, compensation_point, weight_shape
-from ..passes.insert_compensation import InsertCompensationPass
 from ..policy import QuantPlan
 from ..runtime import batches, make_session, per_sample
 from .closed_form import AffineMap, ChannelSums, fit_affine, real_positions, sigmoid_sq_error
 from .fold import unfused_model
 from .gate import FIT_BATCH, Parts, gate_choice, output_errors
-from .points import float_point, layer_stages, score_head_layers
+from .graphs import FitGraphs
+from .points import layer_stages, score_head_layers
 from .records import Compensation, CwacFit, LayerFit, OutputError
 from .reference import prefix_staged_fit
 from .segments import SegmentPlan, TensorCache
@@ -61,169 +59,180 @@ from .segments import SegmentPlan, TensorCache
 logger = logging.getLogger(__name__)
 
 
-def _identity(plan: QuantPlan, graph: gs.Graph) -> dict[str, Compensation]:
-    """g = 1, β = 0 for every layer: the unfused graph's structure, before any fit."""
-    nodes = {n.name: n for n in graph.nodes}
-    comps = {}
-    for lp in plan.layers:
-        c = weight_shape(nodes[lp.node])[lp.axis]
-        comps[lp.node] = Compensation(lp.node, np.ones(c, np.float32), np.zeros(c, np.float32), channel_axis(lp.op), "none", {})
-    return comps
+@dataclasses.dataclass
+class StageTerms:
+    """What a worker computed for one stage: per sample position ``b`` (fit part first, then held out) and
+    layer, its chunks' channel-sum terms, in order; and the layers whose statistics counted real positions
+    only."""
+
+    sums: dict[int, dict[str, list[ChannelSums]]]
+    masked: set[str]
 
 
-def _add_local_twins(graph: gs.Graph, plan: QuantPlan, float_consts: dict[str, np.ndarray]) -> dict[str, str]:
-    """For each layer a float copy reading the same (dequantized) input; -> layer: twin output name."""
-    nodes = {n.name: n for n in graph.nodes}
-    twins = {}
-    for lp in plan.layers:
-        node = nodes[lp.node]
-        inputs = [node.inputs[0], gs.Constant(f"{lp.weight}_cwac_local_w", float_consts[lp.weight])]
-        if lp.bias and lp.bias_node == lp.node:
-            inputs.append(gs.Constant(f"{lp.bias}_cwac_local_b", float_consts[lp.bias]))
-        y = gs.Variable(f"{lp.node}_cwac_local_y", dtype=np.float32)
-        graph.nodes.append(gs.Node(node.op, f"{lp.node}_cwac_local", dict(node.attrs), inputs, [y]))
-        if lp.bias and lp.bias_node != lp.node:  # MatMul -> Add(b)
-            b = gs.Constant(f"{lp.bias}_cwac_local_b", float_consts[lp.bias])
-            out = gs.Variable(f"{lp.node}_cwac_local_yb", dtype=np.float32)
-            graph.nodes.append(gs.Node("Add", f"{lp.node}_cwac_local_add",
-                                       inputs=[y, b] if lp.bias_input == 1 else [b, y], outputs=[out]))
-            y = out
-        twins[lp.node] = y.name
-    return twins
+class StageWorker:
+    """The per-sample half of one candidate's staged fit, on sample positions ``[lo, hi)`` of the sequence
+    fit part then held-out part (``Parts``), with its own boundary caches.  One process runs one worker over
+    every position; a sharded compile runs one per shard (``cwac.shards``).  ``close()`` removes its caches."""
 
-
-class _StagedFit:
-    """One candidate target's staged fit over cached segment boundaries."""
-
-    def __init__(self, float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan, cfg: CwacConfig,
-                 parts: Parts, target: str):
-        self.plan, self.cfg, self.parts, self.target = plan, cfg, parts, target
-        qgraph = gs.import_onnx(qmodel)
-        nodes = {n.name: n for n in qgraph.nodes}
-        self.layers = [lp.node for lp in plan.layers]
-        self.stages = layer_stages(qmodel, self.layers)
-        self.points = {name: compensation_point(nodes[name]).name for name in self.layers}
-        fgraph = gs.import_onnx(float_model)
-        fnodes = {n.name: n for n in fgraph.nodes}
-        self.fpoints = {name: float_point(nodes[name], fnodes) for name in self.layers}
-        self.axes = {lp.node: channel_axis(lp.op) for lp in plan.layers}
-        self.masks: dict[int, np.ndarray] = {}  # batch -> cfg.position_mask's value
-        self.batch_samples: dict[int, int] = {}  # batch -> how many samples it holds
-        self.masked: set[str] = set()  # layers whose statistics counted real positions only
-        self.heads = (score_head_layers(float_model, self.fpoints, next(batches(parts.fit, parts.batch_size))[0])
-                      if cfg.head_fit == "spread" else set())
-        InsertCompensationPass(_identity(plan, qgraph))(qgraph)
-        self.twins = {}
-        if target == "local":
-            consts = {t.name: onnx.numpy_helper.to_array(t) for t in float_model.graph.initializer}
-            self.twins = _add_local_twins(qgraph, plan, consts)
-        qgraph.toposort()
-        self.umodel = export_model(qgraph)
-        # the raw (pre-compensation) point: the compensation Mul's input, renamed if it was a graph output
-        muls = {n.name: n for n in self.umodel.graph.node}
-        self.raw = {name: muls[f"{name}_cwac_Mul"].input[0] for name in self.layers}
-        self.inits = {t.name: t for t in self.umodel.graph.initializer}
-        self.fmodel = export_model(fgraph.toposort())
-
-    def run(self) -> tuple[dict[str, Compensation], list[LayerFit]]:
-        n_stages = max(self.stages.values(), default=0)
-        members = [[n for n in self.layers if self.stages[n] == s] for s in range(1, n_stages + 1)]
-        q_plan = SegmentPlan(self.umodel, [[self.raw[n] for n in m] + [self.twins[n] for n in m if n in self.twins]
-                                           for m in members])
-        f_plan = SegmentPlan(self.fmodel, [[self.fpoints[n] for n in m] for m in members]) \
-            if self.target == "global" else None
-        comps, fits = {}, []
-        budget = self.cfg.cache_mib * 2**20
-        with TensorCache(budget) as qcache, TensorCache(budget) as fcache:
-            n_batches = self._seed_caches(qcache, fcache)
-            for k, names in enumerate(members):
-                maps, hold, head_err = self._stage_fit(k, names, q_plan, f_plan, qcache, fcache, n_batches)
-                for name in names:
-                    fit = self._judge(name, k + 1, maps[name], hold[name], head_err.get(name))
-                    fits.append(fit)
-                    if fit.kept:
-                        comps[name] = fit.compensation
-                        self._set_initializers(comps[name])
-                for plan_, cache in ((q_plan, qcache), (f_plan, fcache)):
-                    if plan_ is not None:
-                        for t in [t for t, last in plan_.last_use.items() if last == k]:
-                            cache.drop(t, n_batches)
-        return comps, fits
-
-    def _seed_caches(self, qcache: TensorCache, fcache: TensorCache) -> int:
+    def __init__(self, graphs: FitGraphs, cfg: CwacConfig, heads: set[str], parts: Parts, lo: int, hi: int):
+        self.g, self.cfg, self.heads = graphs, cfg, heads
+        budget = cfg.cache_mib * 2**20
+        self.qcache, self.fcache = TensorCache(budget), TensorCache(budget)
+        self.masks: dict[int, np.ndarray] = {}  # position -> cfg.position_mask's value
+        self.batch_samples: dict[int, int] = {}  # position -> how many samples it holds
+        self.held: dict[int, dict[str, list[tuple]]] = {}  # score heads' held-out (q, f, axis), this stage
         b = 0
-        for part in (self.parts.fit, self.parts.hold):
-            for feed, n in batches(part, self.parts.batch_size):
-                self.batch_samples[b] = n
-                if self.cfg.position_mask:
-                    self.masks[b] = feed[self.cfg.position_mask]
-                for name, value in feed.items():
-                    qcache.put(b, name, value)
-                    fcache.put(b, name, value)
-                b += 1
-            if part is self.parts.fit:
+        for part in (parts.fit, parts.hold):
+            n_part = part.length if part.length is not None else sum(1 for _ in part)
+            if b + n_part > lo and b < hi:
+                start = max(lo - b, 0)
+                for feed, n in batches(part.take(start, min(hi - b, n_part)), parts.batch_size):
+                    self._seed(b + start, feed, n)
+                    start += n
+            b += n_part
+            if part is parts.fit:
                 self.n_fit = b
-        return b
+        self.positions = sorted(self.batch_samples)
 
-    def _stage_fit(self, k, names, q_plan, f_plan, qcache, fcache, n_batches):
-        """Each layer's map (``fit_affine``'s result), fitted on the fit part's channel sums as soon as the
-        fit batches (which come first) are summed; its channel sums over the held-out part; and for score
-        heads their held-out score error without / with the map."""
+    def _seed(self, b: int, feed: dict[str, np.ndarray], n: int) -> None:
+        self.batch_samples[b] = n
+        if self.cfg.position_mask:
+            self.masks[b] = feed[self.cfg.position_mask]
+        for name, value in feed.items():
+            self.qcache.put(b, name, value)
+            self.fcache.put(b, name, value)
+
+    def stage(self, k: int, kept: list[Compensation]) -> StageTerms:
+        """Stage ``k`` (0-based) on this worker's samples, after setting the compensations the previous stage
+        kept: each layer's channel-sum terms per sample; score heads' held-out tensors stay here for
+        :meth:`head_errors`."""
+        g, names = self.g, self.g.members[k]
+        for comp in kept:
+            g.set_initializers(comp)
+        q_plan, f_plan, qcache, fcache = g.q_plan, g.f_plan, self.qcache, self.fcache
         qseg = q_plan.segments[k]
-        qsess = make_session(q_plan.extract(self.umodel, k, qcache.dtypes), optimized=False)
+        qsess = make_session(q_plan.extract(g.umodel, k, qcache.dtypes), optimized=False)
         fsess = fseg = None
         if f_plan is not None:
             fseg = f_plan.segments[k]
             # unoptimized, like the quantized side: onnxruntime's fusions differ between a segment and the
             # whole model, and their ulp-level differences in the target would change the staged result
-            fsess = make_session(f_plan.extract(self.fmodel, k, fcache.dtypes), optimized=False)
-        n_fit = self.n_fit
-        sums: dict[tuple[str, str], ChannelSums] = {}
-        maps: dict[str, AffineMap] = {}
-        head_err = {name: [0.0, 0.0] for name in names if name in self.heads}
-        for b in range(n_batches):
-            if b == n_fit:
-                maps = {name: fit_affine(sums[("fit", name)], self.cfg.lam, self.cfg.max_gain,
-                                         keep_spread=name in self.heads) for name in names}
+            fsess = make_session(f_plan.extract(g.fmodel, k, fcache.dtypes), optimized=False)
+        out = StageTerms({}, set())
+        self.held = {}
+        for b in self.positions:
             qout = dict(zip(qseg.outputs, qsess.run(list(qseg.outputs), {t: qcache.get(b, t) for t in qseg.inputs})))
             _cache_extra(q_plan, k, qout, qcache, b)
             if fsess is not None:
                 fout = dict(zip(fseg.outputs, fsess.run(list(fseg.outputs), {t: fcache.get(b, t) for t in fseg.inputs})))
                 _cache_extra(f_plan, k, fout, fcache, b)
                 for name in names:
-                    if self.fpoints[name] in f_plan.last_use:
-                        fcache.put(b, self.fpoints[name], fout[self.fpoints[name]])
+                    if g.fpoints[name] in f_plan.last_use:
+                        fcache.put(b, g.fpoints[name], fout[g.fpoints[name]])
             n, mask = self.batch_samples[b], self.masks.get(b)
+            out.sums[b] = {}
             for name in names:
-                q = qout[self.raw[name]]
-                f = qout[self.twins[name]] if self.target == "local" else fout[self.fpoints[name]]
-                key = ("fit" if b < n_fit else "hold", name)
+                q = qout[g.raw[name]]
+                f = qout[g.twins[name]] if g.target == "local" else fout[g.fpoints[name]]
                 # sample by sample, in order: the same sums whatever the batch size (runtime.per_sample)
                 qs, fs, ms = per_sample(q, n), per_sample(f, n), [mask]
                 if len(qs) == len(fs) == n:
                     ms = per_sample(mask, n) if mask is not None else [None] * n
                 else:
                     qs, fs = [q], [f]
+                terms = out.sums[b][name] = []
                 for qi, fi, mi in zip(qs, fs, ms):
-                    axis, (qr, fr) = real_positions(mi, self.axes[name], qi, fi)
+                    axis, (qr, fr) = real_positions(mi, g.axes[name], qi, fi)
                     if qr is not qi:
-                        self.masked.add(name)
-                    if key not in sums:
-                        sums[key] = ChannelSums(qr.shape[axis], axis)
-                    sums[key].update(qr, fr)
-                    if name in head_err and b >= n_fit:
-                        head_err[name][0] += sigmoid_sq_error(qr, fr, axis)
-                        head_err[name][1] += sigmoid_sq_error(qr, fr, axis, maps[name].gain, maps[name].bias)
-                if self.raw[name] in q_plan.last_use:
-                    qcache.put(b, self.raw[name], q)
-        return maps, {name: sums[("hold", name)] for name in names}, head_err
+                        out.masked.add(name)
+                    terms.append(ChannelSums.terms(qr, fr, axis))
+                    if name in self.heads and b >= self.n_fit:
+                        self.held.setdefault(b, {}).setdefault(name, []).append((qr, fr, axis))
+                if g.raw[name] in q_plan.last_use:
+                    qcache.put(b, g.raw[name], q)
+        for plan_, cache in ((q_plan, qcache), (f_plan, fcache)):
+            if plan_ is not None:
+                for t in [t for t, last in plan_.last_use.items() if last == k]:
+                    cache.drop(t, self.positions)
+        return out
+
+    def head_errors(self, maps: dict[str, AffineMap]) -> dict[int, dict[str, list[tuple[float, float]]]]:
+        """The score heads' held-out score error per chunk without / with their map (this stage's)."""
+        errs = {b: {name: [(sigmoid_sq_error(q, f, axis), sigmoid_sq_error(q, f, axis, maps[name].gain, maps[name].bias))
+                           for q, f, axis in chunks] for name, chunks in per.items()} for b, per in self.held.items()}
+        self.held = {}
+        return errs
+
+    def close(self) -> None:
+        self.qcache.close()
+        self.fcache.close()
+
+
+class _StagedFit:
+    """One candidate target's staged fit, driven stage by stage over workers (:class:`StageWorker`): their
+    per-sample terms are added in sample order, so the result does not depend on how the samples are split."""
+
+    def __init__(self, float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan, cfg: CwacConfig,
+                 parts: Parts, target: str):
+        self.cfg, self.target = cfg, target
+        self.graphs = FitGraphs(float_model, qmodel, plan, target)
+        self.heads = (score_head_layers(float_model, self.graphs.fpoints, next(batches(parts.fit, parts.batch_size))[0])
+                      if cfg.head_fit == "spread" else set())
+        self.parts = parts
+        self.n_fit = parts.fit.length if parts.fit.length is not None else sum(1 for _ in parts.fit)
+
+    def run(self, workers: list | None = None, gather: Callable | None = None,
+            ) -> tuple[dict[str, Compensation], list[LayerFit]]:
+        """``workers``: objects with :class:`StageWorker`'s ``stage`` / ``head_errors`` (default: one in this
+        process over every sample); ``gather(workers, method, *args)``: every worker's result of the call, in
+        worker order (default: one after another)."""
+        own = workers is None
+        if own:
+            workers = [StageWorker(self.graphs, self.cfg, self.heads, self.parts, 0, 2**62)]
+        try:
+            return self._stages(workers, gather or _in_turn)
+        finally:
+            if own:
+                workers[0].close()
+
+    def _stages(self, workers: list, gather: Callable) -> tuple[dict[str, Compensation], list[LayerFit]]:
+        comps, fits, kept = {}, [], []
+        for k, names in enumerate(self.graphs.members):
+            results = gather(workers, "stage", k, kept)
+            masked = set().union(*(r.masked for r in results))
+            sums: dict[tuple[str, str], ChannelSums] = {}
+            for b, per in sorted((b, per) for r in results for b, per in r.sums.items()):
+                for name in names:
+                    for t in per[name]:
+                        key = ("fit" if b < self.n_fit else "hold", name)
+                        if key not in sums:
+                            sums[key] = ChannelSums(t.channels, t.axis)
+                        sums[key].add(t)
+            maps = {name: fit_affine(sums[("fit", name)], self.cfg.lam, self.cfg.max_gain,
+                                     keep_spread=name in self.heads) for name in names}
+            head_err = {name: [0.0, 0.0] for name in names if name in self.heads}
+            if head_err:
+                heads = gather(workers, "head_errors", {name: maps[name] for name in head_err})
+                for b, per in sorted((b, per) for r in heads for b, per in r.items()):
+                    for name, chunks in per.items():
+                        for before, after in chunks:
+                            head_err[name][0] += before
+                            head_err[name][1] += after
+            kept = []
+            for name in names:
+                fit = self._judge(name, k + 1, maps[name], sums[("hold", name)], head_err.get(name), name in masked)
+                fits.append(fit)
+                if fit.kept:
+                    comps[name] = fit.compensation
+                    kept.append(fit.compensation)
+        return comps, fits
 
     def _judge(self, name: str, stage: int, fitted: AffineMap, hold_sums: ChannelSums,
-               head_err: list[float] | None = None) -> LayerFit:
+               head_err: list[float] | None, masked: bool) -> LayerFit:
         """Keep the layer's fitted map if it lowers the layer's held-out error: its output's MSE, or for a
         score head (``head_err``: held-out score error without / with the map) its scores' error."""
         g, beta, stats = fitted.gain, fitted.bias, dict(fitted.stats)
-        if name in self.masked:
+        if masked:
             stats["real_positions_only"] = True
         if head_err is not None:
             n = hold_sums.n * hold_sums.channels
@@ -232,14 +241,12 @@ class _StagedFit:
             before, after = hold_sums.mse(), hold_sums.mse(g, beta)
         kept = after < before
         return LayerFit(name, stage, kept, before, after, stats["fit"], stats["zero_variance"],
-                        stats["rejected_channels"], name in self.masked,
-                        Compensation(name, g, beta, self.axes[name], self.target, stats) if kept else None)
+                        stats["rejected_channels"], masked,
+                        Compensation(name, g, beta, self.graphs.axes[name], self.target, stats) if kept else None)
 
-    def _set_initializers(self, comp: Compensation) -> None:
-        for suffix, value in (("gain", comp.gain), ("bias", comp.bias)):
-            t = self.inits[f"{comp.layer}_cwac_{suffix}"]
-            shape = tuple(t.dims)
-            t.CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32).reshape(shape), t.name))
+
+def _in_turn(workers: list, method: str, *args) -> list:
+    return [getattr(w, method)(*args) for w in workers]
 
 
 def _cache_extra(plan: SegmentPlan, k: int, out: dict[str, np.ndarray], cache: TensorCache, b: int) -> None:
@@ -250,9 +257,11 @@ def _cache_extra(plan: SegmentPlan, k: int, out: dict[str, np.ndarray], cache: T
 
 def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, plan: QuantPlan, data: CalibrationSet,
                       cfg: CwacConfig = CwacConfig(), batch_size: int = 8,
-                      progress: Callable[[int, int], None] | None = None) -> CwacFit:
+                      progress: Callable[[int, int], None] | None = None, shards=None) -> CwacFit:
     """Fit CWAC for ``plan``'s layers of ``qmodel`` (plain QDQ) against ``float_model``.  ``batch_size`` is
-    not used: the fit runs one sample per call (``FIT_BATCH``)."""
+    not used: the fit runs one sample per call (``FIT_BATCH``).  ``shards``: a pool whose ``start(...)``
+    returns stage workers over shards of the samples and ``stop(workers)`` ends them (``cwac.shards``);
+    default: one worker in this process."""
     t0 = time.perf_counter()
     parts = Parts.split(data, cfg, FIT_BATCH)
     first = next(batches(parts.fit, parts.batch_size), None)
@@ -266,7 +275,15 @@ def fit_compensations(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, pla
         if cfg.protocol == "prefix":  # the slow definition (benchmarks), judged by the same output gate
             comps, fits = prefix_staged_fit(float_model, qmodel, plan, data, cfg, parts.batch_size), []
         else:
-            comps, fits = _StagedFit(float_model, qmodel, plan, cfg, parts, target).run()
+            fit = _StagedFit(float_model, qmodel, plan, cfg, parts, target)
+            if shards is None:
+                comps, fits = fit.run()
+            else:
+                workers = shards.start(float_model, qmodel, plan, cfg, target, fit.heads, parts)
+                try:
+                    comps, fits = fit.run(workers, shards.gather)
+                finally:
+                    shards.stop(workers)
         results[target] = (comps, fits)
         scored[target] = (output_errors(float_model, unfused_model(qmodel, comps), parts.hold, parts.batch_size,
                                         cfg.position_mask) if comps else none)

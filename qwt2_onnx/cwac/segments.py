@@ -181,8 +181,9 @@ class TensorCache:
         value = self._memory.get((batch, name))
         return value if value is not None else np.load(self._path(batch, name), allow_pickle=False)
 
-    def drop(self, name: str, batches: int) -> None:
-        for b in range(batches):
+    def drop(self, name: str, batches) -> None:
+        """Forget ``name`` for ``batches`` (a count: 0 .. n-1, or the batch indices)."""
+        for b in (range(batches) if isinstance(batches, int) else batches):
             value = self._memory.pop((b, name), None)
             if value is not None:
                 self._memory_bytes -= value.nbytes

@@ -1,0 +1,135 @@
+"""Stage workers as Ray actors (``qwt2-onnx compile --ray ADDRESS``; the ``[ray]`` extra).  The only module that
+imports ray, and only a compile given ``--ray`` imports it.
+
+Each actor reads its shard of the calibration samples itself, from the path every node can read (the driver
+never ships data), builds the fit's graphs from the two models (sent once per candidate target) and keeps its
+samples' stage-boundary tensors between stages (``cwac.fit.StageWorker``).  Per stage the driver sends the
+compensations the previous stage kept and gets back per-sample channel-sum terms (``cwac.shards``).
+
+Faults: an actor that dies (its process killed, its node lost) is replaced by a fresh one that replays the
+stages so far — the same calls with the same compensations, deterministic — and is asked again, up to
+``retries`` times per call; the result is the same model.  When retries run out the compile fails with a
+``QwtError`` (exit 2) and, like every failed compile, writes nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError
+
+from .calib_data import InputSpec, open_calibration
+from .config import CwacConfig
+from .cwac.fit import StageWorker
+from .cwac.graphs import FitGraphs
+from .cwac.gate import FIT_BATCH, Parts
+from .cwac.shards import positions, shard_bounds
+from .errors import QwtError
+from .policy import QuantPlan
+
+logger = logging.getLogger(__name__)
+
+
+class ShardActor:
+    """One shard's stage worker, inside a Ray actor (wrapped by ``ray.remote`` in :class:`RayShards`)."""
+
+    def __init__(self, float_model: bytes, qmodel: bytes, plan: QuantPlan, cfg: CwacConfig, target: str,
+                 heads: set[str], source: str, specs: list[InputSpec], n_calib: int, lo: int, hi: int):
+        import onnx
+
+        data = open_calibration(source, specs).take(0, n_calib)
+        data.length = n_calib
+        parts = Parts.split(data, cfg, FIT_BATCH)
+        graphs = FitGraphs(onnx.load_from_string(float_model), onnx.load_from_string(qmodel), plan, target)
+        self.worker = StageWorker(graphs, cfg, heads, parts, lo, hi)
+
+    def stage(self, k: int, kept: list) -> object:
+        return self.worker.stage(k, kept)
+
+    def head_errors(self, maps: dict) -> dict:
+        return self.worker.head_errors(maps)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def peak_rss_mib(self) -> float:
+        """This worker process's peak resident memory (VmHWM)."""
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+class RayShards:
+    """A pool of ``workers`` shard actors on the Ray cluster at ``address`` over the calibration samples
+    ``[0, n_calib)`` of ``source``.  ``moved``: bytes sent and received per call, for docs/DISTRIBUTED.md.
+    ``after_call(pool, calls)``: a test hook run after each gathered call (the fault test kills an actor)."""
+
+    def __init__(self, address: str, workers: int, source: str | Path, specs: list[InputSpec], n_calib: int,
+                 retries: int = 2, after_call: Callable | None = None):
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            except Exception as e:  # noqa: BLE001  (ConnectionError, or whatever ray raises for a bad address)
+                raise QwtError(f"cannot connect to the Ray cluster at {address}",
+                               notes=[f"{type(e).__name__}: {str(e)[:200]}"],
+                               fix="start one (ray start --head) and pass its address, e.g. --ray 127.0.0.1:6379"
+                               ) from None
+        self.remote = ray.remote(max_restarts=0)(ShardActor)  # Ray's default: a CPU to place it, none held
+        self.workers, self.source, self.specs, self.n_calib = workers, str(source), specs, n_calib
+        self.retries, self.after_call = retries, after_call
+        self.moved: list[dict] = []
+        self.replacements = 0
+
+    def start(self, float_model, qmodel, plan, cfg, target, heads, parts: Parts) -> list:
+        self.spec = (float_model.SerializeToString(), qmodel.SerializeToString(), plan, cfg, target, heads,
+                     self.source, self.specs, self.n_calib)
+        self.bounds = shard_bounds(positions(parts), self.workers)
+        self.history: list[tuple] = []
+        return [self._actor(lo, hi) for lo, hi in self.bounds]
+
+    def _actor(self, lo: int, hi: int):
+        return self.remote.remote(*self.spec, lo, hi)
+
+    def gather(self, workers: list, method: str, *args) -> list:
+        """Every worker's result of ``method(*args)``, in worker order, computed in parallel."""
+        sent = len(pickle.dumps(args)) * len(workers)
+        refs = [getattr(w, method).remote(*args) for w in workers]
+        results = []
+        for i, ref in enumerate(refs):
+            for attempt in range(self.retries + 1):
+                try:
+                    results.append(ray.get(ref))
+                    break
+                except RayActorError as e:
+                    if attempt == self.retries:
+                        raise QwtError(f"shard worker {i} of the Ray cluster died {self.retries + 1} times",
+                                       notes=[f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"],
+                                       fix="check the nodes' memory and logs (ray status); nothing was written"
+                                       ) from None
+                    logger.warning("shard worker %d died; replaying %d call(s) on a fresh one", i, len(self.history))
+                    workers[i] = self._actor(*self.bounds[i])
+                    self.replacements += 1
+                    for m, a in self.history:
+                        ray.get(getattr(workers[i], m).remote(*a))
+                    ref = getattr(workers[i], method).remote(*args)
+        if method == "stage":
+            self.history.append((method, args))
+        self.moved.append({"call": method, "sent_bytes": sent,
+                           "received_bytes": sum(len(pickle.dumps(r)) for r in results)})
+        if self.after_call is not None:
+            self.after_call(self, workers, len(self.moved))
+        return results
+
+    def stop(self, workers: list) -> None:
+        for w in workers:
+            try:
+                ray.get(w.close.remote())
+            except RayActorError:
+                pass
+            ray.kill(w)

@@ -1,0 +1,138 @@
+"""The CWAC fit over a real local Ray cluster (issue 25): a head and a second node joined on loopback, one CPU
+each, started by the fixture and stopped afterwards even on failure."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from qwt2_onnx import CompileConfig, QwtError, compile_model
+from qwt2_onnx.calib_data import CalibrationSet, InputSpec
+from qwt2_onnx.config import CwacConfig, QuantConfig
+from tiny_models import conv_net
+
+ray = pytest.importorskip("ray", reason="the [ray] extra is not installed (pip install '.[ray]')")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    try:
+        subprocess.run([exe, "start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard",
+                        "false", "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+        subprocess.run([exe, "start", "--address", address, "--num-cpus", "1", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True, timeout=180)
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([exe, "stop", "--force"], env=env, capture_output=True, timeout=180)
+
+
+def _npz(path: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
+    np.savez(path, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["ppocr_cls", "orientation"])
+def test_a_zoo_model_compiled_over_the_cluster_is_byte_identical(cluster, name, zoo_path, tmp_path):
+    """2 and 3 shard workers on two nodes write the same bytes as one process (model and report data)."""
+    from zoo_tasks import TASKS
+
+    model = zoo_path(name)
+    feeds = TASKS[name].calib_feeds(model, 20)
+    calib = _npz(tmp_path / "calib.npz", [{k: v[i:i + 1] for k, v in feeds.items()} for i in range(20)])
+    cfg = CompileConfig(holdout_samples=4)
+    compile_model(model, calib, tmp_path / "one.onnx", cfg, measure=False)
+    one = (tmp_path / "one.onnx").read_bytes()
+    for workers in (2, 3):
+        out = tmp_path / f"ray{workers}.onnx"
+        res = compile_model(model, calib, out, CompileConfig(holdout_samples=4, ray_address=cluster,
+                                                             ray_workers=workers), measure=False)
+        assert res.cwac is not None and res.cwac.layers
+        assert out.read_bytes() == one, (name, workers)
+
+
+def _tiny(tmp_path):
+    onnx.save(conv_net(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(12)]
+    calib = _npz(tmp_path / "c.npz", feeds)
+    cfg = CompileConfig(quant=QuantConfig(wbits=4), cwac=CwacConfig(enabled=False), holdout_samples=0)
+    res = compile_model(tmp_path / "m.onnx", feeds, tmp_path / "q.onnx", cfg, measure=False)
+    data = CalibrationSet(lambda: iter(feeds), InputSpec.from_model(res.float_model), "test", len(feeds))
+    return res, calib, data
+
+
+def _kill_first_worker_after_stage_one(pool, workers, calls):
+    if calls == 1:
+        os.kill(ray.get(workers[0].pid.remote()), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_during_the_fit_is_replaced_and_the_fit_is_unchanged(cluster, tmp_path):
+    from qwt2_onnx.cwac.fit import fit_compensations
+    from qwt2_onnx.ray_shards import RayShards
+
+    res, calib, data = _tiny(tmp_path)
+    cfg = CwacConfig(target="global")
+    one = fit_compensations(res.float_model, res.plain_model, res.plan, data, cfg)
+    assert one.compensations
+    pool = RayShards(cluster, 2, calib, data.specs, data.length, after_call=_kill_first_worker_after_stage_one)
+    many = fit_compensations(res.float_model, res.plain_model, res.plan, data, cfg, shards=pool)
+    assert pool.replacements == 1
+    assert set(many.compensations) == set(one.compensations)
+    for name, c in one.compensations.items():
+        assert many.compensations[name].gain.tobytes() == c.gain.tobytes()
+        assert many.compensations[name].bias.tobytes() == c.bias.tobytes()
+    assert all(m["received_bytes"] > 0 for m in pool.moved)
+
+
+@pytest.mark.slow
+def test_without_retries_a_dead_worker_fails_the_fit_cleanly(cluster, tmp_path):
+    from qwt2_onnx.cwac.fit import fit_compensations
+    from qwt2_onnx.ray_shards import RayShards
+
+    res, calib, data = _tiny(tmp_path)
+    pool = RayShards(cluster, 2, calib, data.specs, data.length, retries=0,
+                     after_call=_kill_first_worker_after_stage_one)
+    with pytest.raises(QwtError, match="died"):
+        fit_compensations(res.float_model, res.plain_model, res.plan, data, CwacConfig(target="global"), shards=pool)
+
+
+def test_ray_is_not_imported_without_the_option(tmp_path):
+    onnx.save(conv_net(), tmp_path / "m.onnx")
+    code = ("import sys, numpy as np; from qwt2_onnx import compile_model, CompileConfig\n"
+            "feeds = [{'x': np.ones((1, 3, 8, 8), np.float32) * i} for i in range(8)]\n"
+            f"compile_model({str(tmp_path / 'm.onnx')!r}, feeds, {str(tmp_path / 'q.onnx')!r}, CompileConfig(), measure=False)\n"
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_ray_needs_the_calibration_data_as_a_path(tmp_path):
+    onnx.save(conv_net(), tmp_path / "m.onnx")
+    feeds = [{"x": np.ones((1, 3, 8, 8), np.float32)} for _ in range(8)]
+    with pytest.raises(QwtError, match="path every node"):
+        compile_model(tmp_path / "m.onnx", feeds, tmp_path / "q.onnx", CompileConfig(ray_address="127.0.0.1:1"))
+    assert not (tmp_path / "q.onnx").exists()
