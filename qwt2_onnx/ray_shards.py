@@ -85,6 +85,7 @@ class RayShards:
         self.retries, self.after_call = retries, after_call
         self.moved: list[dict] = []
         self.replacements = 0
+        self.worker_peak_rss_mib: list[float] = []
 
     def start(self, float_model, qmodel, plan, cfg, target, heads, parts: Parts) -> list:
         self.spec = (float_model.SerializeToString(), qmodel.SerializeToString(), plan, cfg, target, heads,
@@ -127,6 +128,11 @@ class RayShards:
         return results
 
     def stop(self, workers: list) -> None:
+        """Ends the actors (their peak RSS recorded first in ``worker_peak_rss_mib``)."""
+        try:
+            self.worker_peak_rss_mib = ray.get([w.peak_rss_mib.remote() for w in workers])
+        except RayActorError:
+            self.worker_peak_rss_mib = []
         for w in workers:
             try:
                 ray.get(w.close.remote())
