@@ -199,7 +199,7 @@ def compile_cmd(model, calib, random_calib, output, target, act_type, wbits, abi
     if float_model is not None and output is None:
         output = model.with_name(f"{model.stem}.cwac.onnx")
     output = output or _default_output(model, qcfg, here=demo)
-    with _Progress("calibrating") as progress:
+    with _Progress("calibrating" if ray_address is None else "shard calls (calibration, CWAC stages)") as progress:
         unfused = None if no_cwac else emit_unfused
         if float_model is not None:
             if no_cwac:

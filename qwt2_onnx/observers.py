@@ -30,6 +30,14 @@ class ActivationRange:
     method: str
 
 
+def double_histogram(hist: np.ndarray) -> np.ndarray:
+    """The histogram over ±A in ``BINS`` bins as a histogram over ±2A: adjacent bins merged pairwise (exact)."""
+    merged = hist.reshape(-1, 2).sum(axis=1)  # BINS/2 bins of twice the width
+    out = np.zeros(BINS, np.int64)
+    out[BINS // 4: 3 * BINS // 4] = merged
+    return out
+
+
 class MinMaxObserver:
     method = "minmax"
 
@@ -69,9 +77,7 @@ class HistogramObserver(MinMaxObserver):
         self.hist += h
 
     def _double(self) -> None:
-        merged = self.hist.reshape(-1, 2).sum(axis=1)  # BINS/2 bins of twice the width
-        self.hist = np.zeros(BINS, np.int64)
-        self.hist[BINS // 4: 3 * BINS // 4] = merged
+        self.hist = double_histogram(self.hist)
         self.amax *= 2
 
     def _edges(self) -> np.ndarray:

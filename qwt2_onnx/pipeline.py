@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
-import os
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +20,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from .calib_data import IMAGE_SUFFIXES, CalibrationSet, InputSpec, open_calibration
-from .calibrate import collect_ranges
+from .calib_data import CalibrationSet, InputSpec, open_calibration
 from .checker import CheckReport, data_summary, fold_comparisons, now
 from .config import CompileConfig
 from .cwac.fit import check_position_mask, fit_compensations
@@ -32,6 +29,8 @@ from .cwac.gate import gate_given
 from .cwac.params import load_cwac_params
 from .cwac.records import CwacFit
 from .diffstats import Tolerance
+from .cwac.points import layer_stages
+from .distributed import ShardProgress, calib_source, check_ray, fit_shards, sharded_ranges
 from .compile_outputs import FOLD_OUTPUT_ATOL, FOLD_TOLERANCE, check_paths, write_outputs
 from .equivalence import FoldCheck
 from .errors import CheckFailed, QwtError, StageError, failed_node
@@ -127,7 +126,7 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
     qcfg, stage, rec = config.quant, StageClock(on_stage), {}
     model_path, output_path = Path(model_path), Path(output_path)
     check_paths(config, output_path, unfused_path, [(model_path, "input model")], calib)
-    _check_ray(config, calib)
+    check_ray(config, calib)
     with stage("load"):
         repairs: list[str] = []
         model, external = read_model(model_path, repairs)  # big models keep their weights beside the graph, out as in
@@ -160,17 +159,20 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
                            or ["no Conv, ConvTranspose, Gemm or MatMul with a constant weight"],
                            fix="check the exclusions (--exclude, --exclude-op); a model without such layers gains nothing")
     calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
+    shard_progress = ShardProgress(progress, config, max(layer_stages(float_model, [lp.node for lp in plan.layers])
+                                                         .values(), default=0)) if config.ray_address else None
     with stage("calibrate"):
         overrides = _range_overrides(config, plan)
-        ranges = collect_ranges(float_model, [t for t in plan.activation_tensors if t not in overrides],
-                                calib_part, config.calib, progress)
+        ranges = sharded_ranges(float_model, [t for t in plan.activation_tensors if t not in overrides], calib_part,
+                         config, progress, calib_source(calib), shard_progress)
         ranges.update(overrides)
         rec["calibrate"] = Calibrate(len(overrides))
     with stage("insert_qdq"):
         rec["insert_qdq"] = record(InsertQDQ, InsertQDQPass(plan, ranges, qcfg)(graph).stats)
         plain = export_model(graph)
-    return _compensate_and_write(_Plain(float_model, plain, plan, external, calib_source=_source(calib)), calib_part,
-                                 eval_part, held_out, config, _Outputs(output_path, unfused_path, measure), stage, rec)
+    return _compensate_and_write(_Plain(float_model, plain, plan, external, calib_source=calib_source(calib)), calib_part,
+                                 eval_part, held_out, config, _Outputs(output_path, unfused_path, measure, shard_progress),
+                                 stage, rec)
 
 
 def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_path: str | Path,
@@ -183,7 +185,7 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
     stage, rec = StageClock(on_stage), {}
     qdq_path, float_path, output_path = Path(qdq_path), Path(float_path), Path(output_path)
     check_paths(config, output_path, unfused_path, [(qdq_path, "input model"), (float_path, "float model")], calib)
-    _check_ray(config, calib)
+    check_ray(config, calib)
     if config.calib.range_overrides is not None:
         raise QwtError("activation range overrides have no effect in upgrade mode",
                        notes=["the QDQ model's own activation quantizers are kept as they are"],
@@ -217,7 +219,7 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
         float_layers = frozenset(fusion_report(plain, plan.integer_weights(plain)).float_) \
             if config.quant.target == "ort" and config.cwac.enabled else frozenset()
     calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
-    return _compensate_and_write(_Plain(float_model, plain, plan, external, float_layers, _source(calib)), calib_part,
+    return _compensate_and_write(_Plain(float_model, plain, plan, external, float_layers, calib_source(calib)), calib_part,
                                  eval_part, held_out, config, _Outputs(output_path, unfused_path, measure), stage, rec)
 
 
@@ -254,6 +256,7 @@ class _Outputs:
     path: Path
     unfused_path: str | Path | None
     measure: bool  # the fidelity summary and the fusion report
+    shard_progress: ShardProgress | None = None  # --ray: one count over every shard call
 
 
 def _compensate_and_write(p: _Plain, calib_part: CalibrationSet, eval_part: CalibrationSet, held_out: bool,
@@ -268,7 +271,7 @@ def _compensate_and_write(p: _Plain, calib_part: CalibrationSet, eval_part: Cali
         config = dataclasses.replace(config, cwac=dataclasses.replace(config.cwac, enabled=False))
     if config.cwac.enabled:
         with stage("cwac_fit"):
-            cwac = _fit(p.float_model, p.model, p.plan, calib_part, config, p.calib_source)
+            cwac = _fit(p.float_model, p.model, p.plan, calib_part, config, p.calib_source, out.shard_progress)
         with stage("fold"):
             unfused, fused, rec["fold"] = build_graphs(p.model, cwac.compensations,
                                                        int32_bias=config.quant.target == "ort", float_bias=p.float_bias)
@@ -314,39 +317,16 @@ def _range_overrides(config: CompileConfig, plan: QuantPlan) -> dict:
     return load_range_overrides(config.calib.range_overrides, plan)
 
 
-def _fit(float_model, plain, plan, calib_part: CalibrationSet, config: CompileConfig, source: str | None) -> CwacFit:
+def _fit(float_model, plain, plan, calib_part: CalibrationSet, config: CompileConfig, source: str | None,
+         shard_progress: ShardProgress | None = None) -> CwacFit:
     if config.cwac.params is not None:  # fitted elsewhere: the same output gate as a fitted compensation
         cwac = gate_given(float_model, plain, load_cwac_params(config.cwac.params, plan, plain), calib_part,
                           config.cwac, config.calib.batch_size)
     else:
-        shards = None
-        if config.ray_address is not None:  # imported only here: a compile without --ray never imports ray
-            from .ray_shards import RayShards
-
-            shards = RayShards(config.ray_address, config.ray_workers, source, calib_part.specs, calib_part.length)
         cwac = fit_compensations(float_model, plain, plan, calib_part, config.cwac, config.calib.batch_size,
-                                 shards=shards)
+                                 shards=fit_shards(config, source, calib_part, shard_progress))
     comps, constrained = constrain_full_range(plain, cwac.compensations)
     return dataclasses.replace(cwac, compensations=comps, full_range_left_alone=constrained)
-
-
-def _source(calib) -> str | None:
-    return str(calib) if isinstance(calib, (str, os.PathLike)) else None
-
-
-def _check_ray(config: CompileConfig, calib) -> None:
-    """``--ray``: the shard workers read the calibration data themselves, so it must be a path, and the extra
-    must be installed — both checked before any work."""
-    if config.ray_address is None:
-        return
-    if _source(calib) is None:
-        raise QwtError("--ray needs the calibration data as a path every node of the cluster can read",
-                       notes=[f"got {type(calib).__name__}"], fix="pass --calib PATH on storage the nodes share")
-    if os.path.isdir(calib) and any(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in os.listdir(calib)):
-        raise QwtError("--ray does not read image folders yet", notes=[f"--calib {calib} holds images"],
-                       fix="convert them to an .npz (or a folder of .npy/.npz) once, or compile without --ray")
-    if importlib.util.find_spec("ray") is None:
-        raise QwtError("--ray needs Ray, which is not installed", fix="pip install 'qwt2-onnx[ray]'")
 
 
 def _lint_and_export(graph: gs.Graph, qcfg) -> onnx.ModelProto:

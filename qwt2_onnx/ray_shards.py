@@ -23,6 +23,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from .calib_data import InputSpec, open_calibration
+from .calib_shards import BatchFailed, CalibShard
 from .config import CwacConfig
 from .cwac.fit import StageWorker
 from .cwac.graphs import FitGraphs
@@ -65,21 +66,92 @@ class ShardActor:
         self.worker.close()
 
 
+class CalibActor:
+    """One shard's calibration passes (``calib_shards.CalibShard``), inside a Ray actor."""
+
+    def __init__(self, model: bytes, tensors: list[str], source: str, specs: list[InputSpec], n: int, size: int,
+                 lo: int, hi: int):
+        import onnx
+
+        data = open_calibration(source, specs).take(0, n)
+        data.length = n
+        self.shard = CalibShard(onnx.load_from_string(model), tensors, data, size, lo, hi)
+
+    def extremes(self):
+        try:
+            return self.shard.extremes()
+        except BatchFailed:
+            return None
+
+    def histograms(self, amax, final):
+        return self.shard.histograms(amax, final)
+
+
+class RayCalibration:
+    """The calibration shards as Ray actors (``calib_shards.collect_ranges_sharded``'s pool); an actor that
+    dies is replaced and its call repeated (the passes keep no state), up to ``retries`` times."""
+
+    def __init__(self, address: str, source: str | Path, specs: list[InputSpec], retries: int = 2,
+                 progress: Callable | None = None):
+        _connect(address)
+        self.progress = progress
+        self.remote = ray.remote(max_restarts=0)(CalibActor)
+        self.source, self.specs, self.retries = str(source), specs, retries
+        self.moved: list[dict] = []
+
+    def start(self, model, tensors, data, size, bounds) -> list:
+        n = data.length if data.length is not None else sum(1 for _ in data)
+        self.spec = (model.SerializeToString(), tensors, self.source, self.specs, n, size)
+        self.bounds = bounds
+        return [self.remote.remote(*self.spec, lo, hi) for lo, hi in bounds]
+
+    def gather(self, actors: list, method: str, *args) -> list:
+        return self.gather_each(actors, method, [args] * len(actors))
+
+    def gather_each(self, actors: list, method: str, args: list[tuple]) -> list:
+        refs = [getattr(a, method).remote(*x) for a, x in zip(actors, args)]
+        out = []
+        for i, ref in enumerate(refs):
+            for attempt in range(self.retries + 1):
+                try:
+                    out.append(ray.get(ref))
+                    break
+                except RayActorError as e:
+                    if attempt == self.retries:
+                        raise QwtError(f"calibration shard worker {i} of the Ray cluster died {attempt + 1} times",
+                                       notes=[str(e).splitlines()[0][:200]], fix="check the nodes (ray status)") from None
+                    actors[i] = self.remote.remote(*self.spec, *self.bounds[i])
+                    ref = getattr(actors[i], method).remote(*args[i])
+            if self.progress is not None:
+                self.progress(1)
+        self.moved.append({"call": method, "sent_bytes": sum(len(pickle.dumps(x)) for x in args),
+                           "received_bytes": sum(len(pickle.dumps(r)) for r in out)})
+        return out
+
+    def stop(self, actors: list) -> None:
+        for a in actors:
+            ray.kill(a)
+
+
+def _connect(address: str) -> None:
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except Exception as e:  # noqa: BLE001  (ConnectionError, or whatever ray raises for a bad address)
+        raise QwtError(f"cannot connect to the Ray cluster at {address}", notes=[f"{type(e).__name__}: {str(e)[:200]}"],
+                       fix="start one (ray start --head) and pass its address, e.g. --ray 127.0.0.1:6379") from None
+
+
 class RayShards:
     """A pool of ``workers`` shard actors on the Ray cluster at ``address`` over the calibration samples
     ``[0, n_calib)`` of ``source``.  ``moved``: bytes sent and received per call, for docs/DISTRIBUTED.md.
     ``after_call(pool, calls)``: a test hook run after each gathered call (the fault test kills an actor)."""
 
     def __init__(self, address: str, workers: int, source: str | Path, specs: list[InputSpec], n_calib: int,
-                 retries: int = 2, after_call: Callable | None = None):
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-            except Exception as e:  # noqa: BLE001  (ConnectionError, or whatever ray raises for a bad address)
-                raise QwtError(f"cannot connect to the Ray cluster at {address}",
-                               notes=[f"{type(e).__name__}: {str(e)[:200]}"],
-                               fix="start one (ray start --head) and pass its address, e.g. --ray 127.0.0.1:6379"
-                               ) from None
+                 retries: int = 2, after_call: Callable | None = None, progress: Callable | None = None):
+        _connect(address)
+        self.progress = progress
         self.remote = ray.remote(max_restarts=0)(ShardActor)  # Ray's default: a CPU to place it, none held
         self.workers, self.source, self.specs, self.n_calib = workers, str(source), specs, n_calib
         self.retries, self.after_call = retries, after_call
@@ -119,6 +191,8 @@ class RayShards:
                     for m, a in self.history:
                         ray.get(getattr(workers[i], m).remote(*a))
                     ref = getattr(workers[i], method).remote(*args)
+            if self.progress is not None and method == "stage":
+                self.progress(1)
         if method == "stage":
             self.history.append((method, args))
         self.moved.append({"call": method, "sent_bytes": sent,

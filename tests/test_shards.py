@@ -70,3 +70,26 @@ def test_the_fit_over_shards_equals_the_fit_in_one_process(tmp_path, case):
             assert many.compensations[name].bias.tobytes() == c.bias.tobytes()
         assert [(f.layer, f.kept, f.mse_before, f.mse_after, f.fit, f.real_positions_only) for f in many.layers] == \
             [(f.layer, f.kept, f.mse_before, f.mse_after, f.fit, f.real_positions_only) for f in one.layers]
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_ranges_calibrated_over_shards_equal_one_process(method, batch_size):
+    """Two passes over 2 and 3 shards (extremes, then histograms at each chunk's own range) give the ranges
+    of one process bit for bit, whatever the batch size; samples grow in scale so the histogram's range
+    doubles along the way, and a zero first sample starts it at 1e-12."""
+    from qwt2_onnx.calib_shards import LocalCalibShards, collect_ranges_sharded
+    from qwt2_onnx.calibrate import collect_ranges
+    from qwt2_onnx.config import CalibConfig
+
+    model = conv_net()
+    rng = np.random.default_rng(5)
+    feeds = [{"x": np.zeros((1, 3, 8, 8), np.float32)}] + \
+        [{"x": (rng.normal(size=(1, 3, 8, 8)) * 1.7 ** i).astype(np.float32)} for i in range(10)]
+    data = CalibrationSet(lambda: iter(feeds), InputSpec.from_model(model), "test", len(feeds))
+    tensors = [o for n in model.graph.node for o in n.output]
+    cfg = CalibConfig(method, 99.9, batch_size)
+    one = collect_ranges(model, tensors, data, cfg)
+    for workers in (2, 3):
+        many = collect_ranges_sharded(model, tensors, data, cfg, LocalCalibShards(), workers)
+        assert many == one, (method, batch_size, workers)
