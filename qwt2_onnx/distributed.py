@@ -7,7 +7,7 @@ import importlib.util
 import logging
 import os
 
-from .calib_data import IMAGE_SUFFIXES, CalibrationSet
+from .calib_data import CalibrationSet
 from .calibrate import collect_ranges
 from .config import CompileConfig
 from .errors import QwtError
@@ -20,16 +20,14 @@ def calib_source(calib) -> str | None:
 
 
 def check_ray(config: CompileConfig, calib) -> None:
-    """``--ray``: the shard workers read the calibration data themselves, so it must be a path, and the extra
-    must be installed — both checked before any work."""
+    """``--ray``: the shard workers read the calibration data themselves (``pre``, an image folder's
+    preprocessing, goes with them), so it must be a path, and the extra must be installed — both checked
+    before any work."""
     if config.ray_address is None:
         return
     if calib_source(calib) is None:
         raise QwtError("--ray needs the calibration data as a path every node of the cluster can read",
                        notes=[f"got {type(calib).__name__}"], fix="pass --calib PATH on storage the nodes share")
-    if os.path.isdir(calib) and any(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in os.listdir(calib)):
-        raise QwtError("--ray does not read image folders yet", notes=[f"--calib {calib} holds images"],
-                       fix="convert them to an .npz (or a folder of .npy/.npz) once, or compile without --ray")
     if importlib.util.find_spec("ray") is None:
         raise QwtError("--ray needs Ray, which is not installed", fix="pip install 'qwt2-onnx[ray]'")
 
@@ -49,14 +47,14 @@ class ShardProgress:
 
 
 def sharded_ranges(float_model, tensors: list[str], calib_part: CalibrationSet, config: CompileConfig, progress,
-                   source: str | None, shard_progress: ShardProgress | None = None) -> dict:
+                   source: str | None, shard_progress: ShardProgress | None = None, pre=None) -> dict:
     """The calibrate stage: in this process, or (``--ray``) over shards with the same result
     (``calib_shards``); a model that cannot run a batch is calibrated here."""
     if config.ray_address is not None and tensors:  # ray is imported only here and in fit_shards
         from .calib_shards import collect_ranges_sharded
         from .ray_shards import RayCalibration
 
-        pool = RayCalibration(config.ray_address, source, calib_part.specs, progress=shard_progress)
+        pool = RayCalibration(config.ray_address, source, calib_part.specs, progress=shard_progress, pre=pre)
         ranges = collect_ranges_sharded(float_model, tensors, calib_part, config.calib, pool, config.ray_workers)
         if ranges is not None:
             return ranges
@@ -65,11 +63,11 @@ def sharded_ranges(float_model, tensors: list[str], calib_part: CalibrationSet, 
 
 
 def fit_shards(config: CompileConfig, source: str | None, calib_part: CalibrationSet,
-               shard_progress: ShardProgress | None = None):
+               shard_progress: ShardProgress | None = None, pre=None):
     """The CWAC fit's shard pool for ``--ray`` (None without it: the fit runs in this process)."""
     if config.ray_address is None:
         return None
     from .ray_shards import RayShards
 
     return RayShards(config.ray_address, config.ray_workers, source, calib_part.specs, calib_part.length,
-                     progress=shard_progress)
+                     progress=shard_progress, pre=pre)

@@ -164,13 +164,14 @@ def compile_model(model_path: str | Path, calib, output_path: str | Path, config
     with stage("calibrate"):
         overrides = _range_overrides(config, plan)
         ranges = sharded_ranges(float_model, [t for t in plan.activation_tensors if t not in overrides], calib_part,
-                         config, progress, calib_source(calib), shard_progress)
+                         config, progress, calib_source(calib), shard_progress, image_preprocess)
         ranges.update(overrides)
         rec["calibrate"] = Calibrate(len(overrides))
     with stage("insert_qdq"):
         rec["insert_qdq"] = record(InsertQDQ, InsertQDQPass(plan, ranges, qcfg)(graph).stats)
         plain = export_model(graph)
-    return _compensate_and_write(_Plain(float_model, plain, plan, external, calib_source=calib_source(calib)), calib_part,
+    return _compensate_and_write(_Plain(float_model, plain, plan, external, calib_source=calib_source(calib),
+                                        calib_pre=image_preprocess), calib_part,
                                  eval_part, held_out, config, _Outputs(output_path, unfused_path, measure, shard_progress),
                                  stage, rec)
 
@@ -219,7 +220,8 @@ def upgrade_model(qdq_path: str | Path, float_path: str | Path, calib, output_pa
         float_layers = frozenset(fusion_report(plain, plan.integer_weights(plain)).float_) \
             if config.quant.target == "ort" and config.cwac.enabled else frozenset()
     calib_part, eval_part, held_out = split_holdout(data, config.holdout_samples)
-    return _compensate_and_write(_Plain(float_model, plain, plan, external, float_layers, calib_source(calib)), calib_part,
+    return _compensate_and_write(_Plain(float_model, plain, plan, external, float_layers, calib_source(calib),
+                                        image_preprocess), calib_part,
                                  eval_part, held_out, config, _Outputs(output_path, unfused_path, measure), stage, rec)
 
 
@@ -249,6 +251,7 @@ class _Plain:
     external: bool
     float_bias: frozenset[str] = frozenset()
     calib_source: str | None = None  # the calibration data's path (what shard workers read)
+    calib_pre: object = None  # an image folder's preprocessing (calib_data.ImagePreprocess)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +274,8 @@ def _compensate_and_write(p: _Plain, calib_part: CalibrationSet, eval_part: Cali
         config = dataclasses.replace(config, cwac=dataclasses.replace(config.cwac, enabled=False))
     if config.cwac.enabled:
         with stage("cwac_fit"):
-            cwac = _fit(p.float_model, p.model, p.plan, calib_part, config, p.calib_source, out.shard_progress)
+            cwac = _fit(p.float_model, p.model, p.plan, calib_part, config, p.calib_source, out.shard_progress,
+                        p.calib_pre)
         with stage("fold"):
             unfused, fused, rec["fold"] = build_graphs(p.model, cwac.compensations,
                                                        int32_bias=config.quant.target == "ort", float_bias=p.float_bias)
@@ -318,13 +322,13 @@ def _range_overrides(config: CompileConfig, plan: QuantPlan) -> dict:
 
 
 def _fit(float_model, plain, plan, calib_part: CalibrationSet, config: CompileConfig, source: str | None,
-         shard_progress: ShardProgress | None = None) -> CwacFit:
+         shard_progress: ShardProgress | None = None, pre=None) -> CwacFit:
     if config.cwac.params is not None:  # fitted elsewhere: the same output gate as a fitted compensation
         cwac = gate_given(float_model, plain, load_cwac_params(config.cwac.params, plan, plain), calib_part,
                           config.cwac, config.calib.batch_size)
     else:
         cwac = fit_compensations(float_model, plain, plan, calib_part, config.cwac, config.calib.batch_size,
-                                 shards=fit_shards(config, source, calib_part, shard_progress))
+                                 shards=fit_shards(config, source, calib_part, shard_progress, pre))
     comps, constrained = constrain_full_range(plain, cwac.compensations)
     return dataclasses.replace(cwac, compensations=comps, full_range_left_alone=constrained)
 

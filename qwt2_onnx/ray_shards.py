@@ -39,10 +39,10 @@ class ShardActor:
     """One shard's stage worker, inside a Ray actor (wrapped by ``ray.remote`` in :class:`RayShards`)."""
 
     def __init__(self, float_model: bytes, qmodel: bytes, plan: QuantPlan, cfg: CwacConfig, target: str,
-                 heads: set[str], source: str, specs: list[InputSpec], n_calib: int, lo: int, hi: int):
+                 heads: set[str], source: str, specs: list[InputSpec], pre, n_calib: int, lo: int, hi: int):
         import onnx
 
-        data = open_calibration(source, specs).take(0, n_calib)
+        data = open_calibration(source, specs, pre).take(0, n_calib)
         data.length = n_calib
         parts = Parts.split(data, cfg, FIT_BATCH)
         graphs = FitGraphs(onnx.load_from_string(float_model), onnx.load_from_string(qmodel), plan, target)
@@ -69,11 +69,11 @@ class ShardActor:
 class CalibActor:
     """One shard's calibration passes (``calib_shards.CalibShard``), inside a Ray actor."""
 
-    def __init__(self, model: bytes, tensors: list[str], source: str, specs: list[InputSpec], n: int, size: int,
-                 lo: int, hi: int):
+    def __init__(self, model: bytes, tensors: list[str], source: str, specs: list[InputSpec], pre, n: int,
+                 size: int, lo: int, hi: int):
         import onnx
 
-        data = open_calibration(source, specs).take(0, n)
+        data = open_calibration(source, specs, pre).take(0, n)
         data.length = n
         self.shard = CalibShard(onnx.load_from_string(model), tensors, data, size, lo, hi)
 
@@ -92,16 +92,16 @@ class RayCalibration:
     dies is replaced and its call repeated (the passes keep no state), up to ``retries`` times."""
 
     def __init__(self, address: str, source: str | Path, specs: list[InputSpec], retries: int = 2,
-                 progress: Callable | None = None):
+                 progress: Callable | None = None, pre=None):
         _connect(address)
-        self.progress = progress
+        self.progress, self.pre = progress, pre
         self.remote = ray.remote(max_restarts=0)(CalibActor)
         self.source, self.specs, self.retries = str(source), specs, retries
         self.moved: list[dict] = []
 
     def start(self, model, tensors, data, size, bounds) -> list:
         n = data.length if data.length is not None else sum(1 for _ in data)
-        self.spec = (model.SerializeToString(), tensors, self.source, self.specs, n, size)
+        self.spec = (model.SerializeToString(), tensors, self.source, self.specs, self.pre, n, size)
         self.bounds = bounds
         return [self.remote.remote(*self.spec, lo, hi) for lo, hi in bounds]
 
@@ -149,9 +149,10 @@ class RayShards:
     ``after_call(pool, calls)``: a test hook run after each gathered call (the fault test kills an actor)."""
 
     def __init__(self, address: str, workers: int, source: str | Path, specs: list[InputSpec], n_calib: int,
-                 retries: int = 2, after_call: Callable | None = None, progress: Callable | None = None):
+                 retries: int = 2, after_call: Callable | None = None, progress: Callable | None = None,
+                 pre=None):
         _connect(address)
-        self.progress = progress
+        self.progress, self.pre = progress, pre
         self.remote = ray.remote(max_restarts=0)(ShardActor)  # Ray's default: a CPU to place it, none held
         self.workers, self.source, self.specs, self.n_calib = workers, str(source), specs, n_calib
         self.retries, self.after_call = retries, after_call
@@ -161,7 +162,7 @@ class RayShards:
 
     def start(self, float_model, qmodel, plan, cfg, target, heads, parts: Parts) -> list:
         self.spec = (float_model.SerializeToString(), qmodel.SerializeToString(), plan, cfg, target, heads,
-                     self.source, self.specs, self.n_calib)
+                     self.source, self.specs, self.pre, self.n_calib)
         self.bounds = shard_bounds(positions(parts), self.workers)
         self.history: list[tuple] = []
         return [self._actor(lo, hi) for lo, hi in self.bounds]

@@ -269,11 +269,11 @@ def test_interrupt_after_the_write_says_what_was_written(workdir, monkeypatch):
 
 
 def test_out_of_memory_is_exit_2_and_nothing_written(workdir, monkeypatch):
-    import qwt2_onnx.pipeline as pipeline
+    import qwt2_onnx.distributed as distributed  # where the calibrate stage calls collect_ranges
 
     def exhausted(*a, **k):
         raise MemoryError
-    monkeypatch.setattr(pipeline, "collect_ranges", exhausted)
+    monkeypatch.setattr(distributed, "collect_ranges", exhausted)
     compile_fails_cleanly(workdir, _net(workdir), "--calib", calib_npz(workdir / "c.npz"), "-o", workdir / "o.onnx",
                           message="ran out of memory")
 

@@ -136,3 +136,50 @@ def test_ray_needs_the_calibration_data_as_a_path(tmp_path):
     with pytest.raises(QwtError, match="path every node"):
         compile_model(tmp_path / "m.onnx", feeds, tmp_path / "q.onnx", CompileConfig(ray_address="127.0.0.1:1"))
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.slow
+def test_an_image_folder_compiled_over_the_cluster_is_byte_identical(cluster, tmp_path):
+    """The workers read the images themselves, with the driver's preprocessing."""
+    from PIL import Image
+
+    from qwt2_onnx.calib_data import ImagePreprocess
+
+    onnx.save(conv_net(), tmp_path / "m.onnx")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    pre = ImagePreprocess((8, 8), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    compile_model(tmp_path / "m.onnx", folder, tmp_path / "one.onnx", CompileConfig(holdout_samples=0),
+                  image_preprocess=pre, measure=False)
+    compile_model(tmp_path / "m.onnx", folder, tmp_path / "ray.onnx",
+                  CompileConfig(holdout_samples=0, ray_address=cluster, ray_workers=3), image_preprocess=pre,
+                  measure=False)
+    assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_compile_whose_worker_is_killed_writes_the_same_model(cluster, tmp_path, monkeypatch):
+    """Through compile_model: one shard worker's process is killed after the first stage of the fit; the
+    written model is the one process's, byte for byte."""
+    import qwt2_onnx.pipeline as pipeline
+    from qwt2_onnx.ray_shards import RayShards
+
+    onnx.save(conv_net(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(2)
+    calib = _npz(tmp_path / "c.npz", [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(12)])
+    compile_model(tmp_path / "m.onnx", calib, tmp_path / "one.onnx", CompileConfig(holdout_samples=0), measure=False)
+    pools = []
+
+    def killing_pool(config, source, calib_part, shard_progress=None, pre=None):
+        pools.append(RayShards(config.ray_address, config.ray_workers, source, calib_part.specs, calib_part.length,
+                               after_call=_kill_first_worker_after_stage_one))
+        return pools[-1]
+
+    monkeypatch.setattr(pipeline, "fit_shards", killing_pool)
+    compile_model(tmp_path / "m.onnx", calib, tmp_path / "ray.onnx",
+                  CompileConfig(holdout_samples=0, ray_address=cluster, ray_workers=2), measure=False)
+    assert pools and all(p.replacements == 1 for p in pools)  # one kill per candidate target's fit
+    assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()

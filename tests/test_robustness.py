@@ -228,12 +228,13 @@ def test_symbolic_dims_and_varying_sample_shapes(workdir):
     ({"x": np.concatenate([np.zeros((2, 3, 8, 8)), np.full((1, 3, 8, 8), np.inf)]).astype(np.float32)}, "sample 2"),
 ], ids=["name", "rank", "dtype", "empty", "nan", "inf"])
 def test_bad_calibration_data(workdir, monkeypatch, arrays, message):
+    import qwt2_onnx.distributed as distributed
     import qwt2_onnx.pipeline as pipeline
 
     def heavy(*a, **k):
         raise AssertionError("calibration ran on bad data")
 
-    monkeypatch.setattr(pipeline, "collect_ranges", heavy)
+    monkeypatch.setattr(distributed, "collect_ranges", heavy)  # what the calibrate stage calls
     monkeypatch.setattr(pipeline, "NormalizePass", heavy)
     model = _save(conv_net(), workdir / "net.onnx")
     np.savez(workdir / "bad.npz", **arrays)
