@@ -21,8 +21,6 @@ ratio to float's.  The table goes to the terminal and, with ``-o DIR``, to ``DIR
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import json
 import os
 import statistics
@@ -38,6 +36,7 @@ from .calib_data import CalibrationSet, InputSpec, open_calibration
 from .diffstats import DiffAccumulator
 from .errors import QwtError
 from .model_io import AtomicOutputs, load_model
+from .plugins import load_object
 from .run_paths import Access, check_run_paths, data_files, model_files
 from .runtime import make_session
 
@@ -99,22 +98,7 @@ class BenchReport:
 def load_task(spec: str):
     """``MODULE:NAME`` (a module name or a path to a .py file) -> an object with ``evaluate``; a class is
     instantiated without arguments."""
-    module_name, _, attr = spec.rpartition(":")
-    if not module_name or not attr:
-        raise QwtError(f"--task {spec!r} is not MODULE:NAME", fix="e.g. --task my_tasks.py:Detection")
-    try:
-        if module_name.endswith(".py"):
-            loader_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if loader_spec is None or not Path(module_name).is_file():
-                raise FileNotFoundError(module_name)
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        task = getattr(module, attr)
-    except (ImportError, FileNotFoundError, AttributeError, SyntaxError) as e:
-        raise QwtError(f"cannot load the task {spec!r}", notes=[f"{type(e).__name__}: {e}"],
-                       fix="pass MODULE:NAME of an object with evaluate(session, float_session)") from None
+    task = load_object(spec, "the task", "my_tasks.py:Detection")
     task = task() if isinstance(task, type) else task
     if not callable(getattr(task, "evaluate", None)):
         raise QwtError(f"the task {spec!r} has no evaluate(session, float_session) method",

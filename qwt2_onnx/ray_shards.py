@@ -109,21 +109,12 @@ class RayCalibration:
         return self.gather_each(actors, method, [args] * len(actors))
 
     def gather_each(self, actors: list, method: str, args: list[tuple]) -> list:
-        refs = [getattr(a, method).remote(*x) for a, x in zip(actors, args)]
-        out = []
-        for i, ref in enumerate(refs):
-            for attempt in range(self.retries + 1):
-                try:
-                    out.append(ray.get(ref))
-                    break
-                except RayActorError as e:
-                    if attempt == self.retries:
-                        raise QwtError(f"calibration shard worker {i} of the Ray cluster died {attempt + 1} times",
-                                       notes=[str(e).splitlines()[0][:200]], fix="check the nodes (ray status)") from None
-                    actors[i] = self.remote.remote(*self.spec, *self.bounds[i])
-                    ref = getattr(actors[i], method).remote(*args[i])
-            if self.progress is not None:
-                self.progress(1)
+        def restart(i: int):
+            actors[i] = self.remote.remote(*self.spec, *self.bounds[i])  # the passes keep no state
+            return getattr(actors[i], method).remote(*args[i])
+
+        out = _results([getattr(a, method).remote(*x) for a, x in zip(actors, args)], restart, self.retries,
+                       "calibration shard worker", self.progress)
         self.moved.append({"call": method, "sent_bytes": sum(len(pickle.dumps(x)) for x in args),
                            "received_bytes": sum(len(pickle.dumps(r)) for r in out)})
         return out
@@ -131,6 +122,26 @@ class RayCalibration:
     def stop(self, actors: list) -> None:
         for a in actors:
             ray.kill(a)
+
+
+def _results(refs: list, restart: Callable, retries: int, what: str, progress: Callable | None) -> list:
+    """``ray.get`` of each ref in order; a dead actor's ref is replaced by ``restart(i)`` (a fresh actor's
+    call) up to ``retries`` times, then the run fails with a ``QwtError``.  ``progress(1)`` per result."""
+    out = []
+    for i, ref in enumerate(refs):
+        for attempt in range(retries + 1):
+            try:
+                out.append(ray.get(ref))
+                break
+            except RayActorError as e:
+                if attempt == retries:
+                    raise QwtError(f"{what} {i} of the Ray cluster died {retries + 1} times",
+                                   notes=[f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"],
+                                   fix="check the nodes' memory and logs (ray status); nothing was written") from None
+                ref = restart(i)
+        if progress is not None:
+            progress(1)
+    return out
 
 
 def _connect(address: str) -> None:
@@ -173,27 +184,16 @@ class RayShards:
     def gather(self, workers: list, method: str, *args) -> list:
         """Every worker's result of ``method(*args)``, in worker order, computed in parallel."""
         sent = len(pickle.dumps(args)) * len(workers)
-        refs = [getattr(w, method).remote(*args) for w in workers]
-        results = []
-        for i, ref in enumerate(refs):
-            for attempt in range(self.retries + 1):
-                try:
-                    results.append(ray.get(ref))
-                    break
-                except RayActorError as e:
-                    if attempt == self.retries:
-                        raise QwtError(f"shard worker {i} of the Ray cluster died {self.retries + 1} times",
-                                       notes=[f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"],
-                                       fix="check the nodes' memory and logs (ray status); nothing was written"
-                                       ) from None
-                    logger.warning("shard worker %d died; replaying %d call(s) on a fresh one", i, len(self.history))
-                    workers[i] = self._actor(*self.bounds[i])
-                    self.replacements += 1
-                    for m, a in self.history:
-                        ray.get(getattr(workers[i], m).remote(*a))
-                    ref = getattr(workers[i], method).remote(*args)
-            if self.progress is not None and method == "stage":
-                self.progress(1)
+        def restart(i: int):
+            logger.warning("shard worker %d died; replaying %d call(s) on a fresh one", i, len(self.history))
+            workers[i] = self._actor(*self.bounds[i])
+            self.replacements += 1
+            for m, a in self.history:
+                ray.get(getattr(workers[i], m).remote(*a))
+            return getattr(workers[i], method).remote(*args)
+
+        results = _results([getattr(w, method).remote(*args) for w in workers], restart, self.retries,
+                           "shard worker", self.progress if method == "stage" else None)
         if method == "stage":
             self.history.append((method, args))
         self.moved.append({"call": method, "sent_bytes": sent,

@@ -265,21 +265,11 @@ def _check_outputs(torch, module, model, inputs, reference, dynamic_batch, atol,
 
 def load_factory(spec: str):
     """``package.module:function`` or ``path/to/file.py:function`` -> the module that function returns."""
-    import importlib
-    import importlib.util
+    from .plugins import load_object
 
-    where, _, name = spec.rpartition(":")
-    if not where or not name:
-        raise QwtError(f"cannot read '{spec}' as MODULE:FUNCTION", fix="e.g. torchvision.models:resnet18 or net.py:make")
+    factory = load_object(spec, "the model factory", "torchvision.models:resnet18 or net.py:make")
     try:
-        if where.endswith(".py"):
-            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
-            mod = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(mod)
-        else:
-            mod = importlib.import_module(where)
-        made = getattr(mod, name)()
+        return factory()
     except Exception as e:  # noqa: BLE001  (the user's code)
         raise QwtError(f"cannot build the module from '{spec}'", notes=[f"{type(e).__name__}: {str(e)[:300]}"],
                        fix="pass MODULE:FUNCTION where FUNCTION() returns a torch.nn.Module") from None
-    return made

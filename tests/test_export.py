@@ -158,7 +158,7 @@ def test_cli_export(tmp_path):
     inits = {t.name for t in onnx.load(tmp_path / "n.onnx").graph.initializer}
     assert {"0.weight", "3.weight"} <= inits
     res = CliRunner().invoke(main, ["export", "nowhere:make", "--shape", "1,3", "-o", str(tmp_path / "x.onnx")])
-    assert res.exit_code == 2 and "cannot build the module" in res.output
+    assert res.exit_code == 2 and "cannot load the model factory" in res.output
 
 
 # -- range overrides + PyTorch-side CWAC folded by compile ---------------------------------------------------
