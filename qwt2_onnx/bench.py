@@ -134,9 +134,8 @@ def run_bench(model: str | Path, calib: str | Path, *, eval_data: str | Path | N
             rows.append(row)
             if row.ok:
                 paths[variant] = out
-        float_task, rows = _measure(model, paths, rows, eval_set, task, latency_runs)
-    report = BenchReport(model.name, _count(calib_set), _count(eval_set), float_task,
-                         _float_ms(model, eval_set, latency_runs), rows)
+        float_task, float_ms, rows = _measure(model, paths, rows, eval_set, task, latency_runs)
+    report = BenchReport(model.name, _count(calib_set), _count(eval_set), float_task, float_ms, rows)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         with AtomicOutputs() as outputs:
@@ -170,7 +169,8 @@ def _compile(variant: str, model: Path, calib: Path, out: Path, extra_args: tupl
 
 
 def _measure(model: Path, paths: dict[str, Path], rows: list[Row], data: CalibrationSet, task, runs: int):
-    """Fidelity (and the task metric) of each compiled model, deployed, and its latency ratio to float."""
+    """Fidelity (and the task metric) of each compiled model, deployed, and its latency ratio to float:
+    (float's task metrics, float's median latency in ms, the rows)."""
     float_sess = make_session(str(model), optimized=True)
     names = [o.name for o in float_sess.get_outputs()]
     sessions = {v: make_session(str(p), optimized=True) for v, p in paths.items()}
@@ -181,8 +181,7 @@ def _measure(model: Path, paths: dict[str, Path], rows: list[Row], data: Calibra
             for n, r, c in zip(names, ref, sess.run(names, feed)):
                 accs[v][n].update(r, c)
     float_task = dict(task.evaluate(float_sess, float_sess)) if task is not None else {}
-    first = next(iter(data))
-    ratios = _latency_ratios(model, paths, first, runs)
+    latency = _latencies(model, paths, next(iter(data)), runs)
     out = []
     for r in rows:
         if r.variant not in sessions:
@@ -191,12 +190,15 @@ def _measure(model: Path, paths: dict[str, Path], rows: list[Row], data: Calibra
         fid = {n: {"sqnr_db": round(s.sqnr_db, 3), "cosine": round(s.cosine, 6)}
                for n, s in ((n, a.result()) for n, a in accs[r.variant].items())}
         metrics = dict(task.evaluate(sessions[r.variant], float_sess)) if task is not None else {}
-        out.append(dataclasses.replace(r, fidelity=fid, task=metrics, latency_ratio=ratios.get(r.variant)))
-    return float_task, out
+        out.append(dataclasses.replace(r, fidelity=fid, task=metrics, latency_ratio=round(latency[r.variant] / latency["float"], 3) if latency else None))
+    return float_task, round(latency["float"] * 1e3, 3) if latency else None, out
 
 
-def _latency_ratios(model: Path, paths: dict[str, Path], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
-    """Round-robin, one thread each, after a warm-up: median latency of each model / float's median."""
+def _latencies(model: Path, paths: dict[str, Path], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    """Median seconds of one run of float and of each model, round-robin, one thread each, after two warm-up
+    rounds ({} when ``runs`` is 0)."""
+    if runs <= 0:
+        return {}
     sessions = {"float": make_session(str(model), optimized=True, threads=1)}
     sessions.update({v: make_session(str(p), optimized=True, threads=1) for v, p in paths.items()})
     times: dict[str, list[float]] = {v: [] for v in sessions}
@@ -206,21 +208,7 @@ def _latency_ratios(model: Path, paths: dict[str, Path], feed: dict[str, np.ndar
             sess.run(None, feed)
             if i >= 2:
                 times[v].append(time.perf_counter() - t0)
-    base = statistics.median(times["float"]) if runs > 0 else None
-    return {v: round(statistics.median(t) / base, 3) for v, t in times.items() if v != "float" and base}
-
-
-def _float_ms(model: Path, data: CalibrationSet, runs: int) -> float | None:
-    if runs <= 0:
-        return None
-    sess, feed = make_session(str(model), optimized=True, threads=1), next(iter(data))
-    sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return round(statistics.median(times) * 1e3, 3)
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def _ort_child(model: str, calib: str, out: str) -> None:

@@ -25,6 +25,7 @@ import onnx
 
 from .calib_data import CalibrationSet
 from .config import CalibConfig
+from .cwac.fit import gather_in_turn
 from .cwac.shards import shard_bounds
 from .observers import BINS, ActivationRange, HistogramObserver, double_histogram, make_observer
 from .runtime import batch_size_within, batches, make_session, per_sample, with_outputs
@@ -55,10 +56,14 @@ class CalibShard:
             for i in range(max(len(s) for s in split)):
                 yield [s[i] if i < len(s) else None for s in split]
 
-    def extremes(self) -> list[list[tuple[float, float] | None]]:
-        """Pass 1: per chunk, per tensor, (min, max) — None for an empty chunk or none at this position."""
-        return [[(float(x.min()), float(x.max())) if x is not None and x.size else None for x in chunk]
-                for chunk in self._chunks()]
+    def extremes(self) -> list[list[tuple[float, float] | None]] | None:
+        """Pass 1: per chunk, per tensor, (min, max) — None for an empty chunk or none at this position; None
+        for the whole shard where a batch did not run."""
+        try:
+            return [[(float(x.min()), float(x.max())) if x is not None and x.size else None for x in chunk]
+                    for chunk in self._chunks()]
+        except BatchFailed:
+            return None
 
     def histograms(self, amax: list[list[float | None]], final: list[float]) -> list[np.ndarray]:
         """Pass 2: per tensor, the sum of this shard's chunk histograms, each taken at its chunk's A (``amax``,
@@ -137,15 +142,7 @@ class LocalCalibShards:
     def start(self, model, tensors, data, size, bounds) -> list[CalibShard]:
         return [CalibShard(model, tensors, data, size, lo, hi) for lo, hi in bounds]
 
-    @staticmethod
-    def gather(shards: list, method: str, *args) -> list:
-        out = []
-        for s in shards:
-            try:
-                out.append(getattr(s, method)(*args))
-            except BatchFailed:
-                out.append(None)
-        return out
+    gather = staticmethod(gather_in_turn)
 
     @staticmethod
     def gather_each(shards: list, method: str, args: list[tuple]) -> list:

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from .calib_data import InputSpec, open_calibration
-from .calib_shards import BatchFailed, CalibShard
+from .calib_shards import CalibShard
 from .config import CwacConfig
 from .cwac.fit import StageWorker
 from .cwac.graphs import FitGraphs
@@ -36,17 +36,27 @@ logger = logging.getLogger(__name__)
 
 
 class ShardActor:
-    """One shard's stage worker, inside a Ray actor (wrapped by ``ray.remote`` in :class:`RayShards`)."""
+    """One shard's stage worker, inside a Ray actor (wrapped by ``ray.remote`` in :class:`RayShards`).  It is
+    built on the first call, not in the constructor: a worker that cannot read its data then fails that call
+    with the ``QwtError`` saying why (exit 2), where a failed constructor would look like a dead actor."""
 
     def __init__(self, float_model: bytes, qmodel: bytes, plan: QuantPlan, cfg: CwacConfig, target: str,
                  heads: set[str], source: str, specs: list[InputSpec], pre, n_calib: int, lo: int, hi: int):
-        import onnx
+        self.args, self._worker = (float_model, qmodel, plan, cfg, target, heads, source, specs, pre, n_calib,
+                                   lo, hi), None
 
-        data = open_calibration(source, specs, pre).take(0, n_calib)
-        data.length = n_calib
-        parts = Parts.split(data, cfg, FIT_BATCH)
-        graphs = FitGraphs(onnx.load_from_string(float_model), onnx.load_from_string(qmodel), plan, target)
-        self.worker = StageWorker(graphs, cfg, heads, parts, lo, hi)
+    @property
+    def worker(self) -> StageWorker:
+        if self._worker is None:
+            import onnx
+
+            float_model, qmodel, plan, cfg, target, heads, source, specs, pre, n_calib, lo, hi = self.args
+            data = open_calibration(source, specs, pre).take(0, n_calib)
+            data.length = n_calib
+            parts = Parts.split(data, cfg, FIT_BATCH)
+            graphs = FitGraphs(onnx.load_from_string(float_model), onnx.load_from_string(qmodel), plan, target)
+            self._worker = StageWorker(graphs, cfg, heads, parts, lo, hi)
+        return self._worker
 
     def stage(self, k: int, kept: list) -> object:
         return self.worker.stage(k, kept)
@@ -63,7 +73,8 @@ class ShardActor:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
     def close(self) -> None:
-        self.worker.close()
+        if self._worker is not None:
+            self._worker.close()
 
 
 class CalibActor:
@@ -71,17 +82,22 @@ class CalibActor:
 
     def __init__(self, model: bytes, tensors: list[str], source: str, specs: list[InputSpec], pre, n: int,
                  size: int, lo: int, hi: int):
-        import onnx
+        self.args, self._shard = (model, tensors, source, specs, pre, n, size, lo, hi), None
 
-        data = open_calibration(source, specs, pre).take(0, n)
-        data.length = n
-        self.shard = CalibShard(onnx.load_from_string(model), tensors, data, size, lo, hi)
+    @property
+    def shard(self) -> CalibShard:
+        """Built on the first call, as :class:`ShardActor`'s worker is (why: there)."""
+        if self._shard is None:
+            import onnx
+
+            model, tensors, source, specs, pre, n, size, lo, hi = self.args
+            data = open_calibration(source, specs, pre).take(0, n)
+            data.length = n
+            self._shard = CalibShard(onnx.load_from_string(model), tensors, data, size, lo, hi)
+        return self._shard
 
     def extremes(self):
-        try:
-            return self.shard.extremes()
-        except BatchFailed:
-            return None
+        return self.shard.extremes()
 
     def histograms(self, amax, final):
         return self.shard.histograms(amax, final)
@@ -131,7 +147,7 @@ def _results(refs: list, restart: Callable, retries: int, what: str, progress: C
     for i, ref in enumerate(refs):
         for attempt in range(retries + 1):
             try:
-                out.append(ray.get(ref))
+                out.append(_get(ref))
                 break
             except RayActorError as e:
                 if attempt == retries:
@@ -142,6 +158,17 @@ def _results(refs: list, restart: Callable, retries: int, what: str, progress: C
         if progress is not None:
             progress(1)
     return out
+
+
+def _get(ref):
+    """``ray.get``; a ``QwtError`` raised in a worker (its data unreadable on its node, say) is raised here as
+    it is, so the run ends as any bad input does (exit 2), not as a bug."""
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        if isinstance(e.cause, QwtError):
+            raise e.cause from None
+        raise
 
 
 def _connect(address: str) -> None:
@@ -189,7 +216,7 @@ class RayShards:
             workers[i] = self._actor(*self.bounds[i])
             self.replacements += 1
             for m, a in self.history:
-                ray.get(getattr(workers[i], m).remote(*a))
+                _get(getattr(workers[i], m).remote(*a))
             return getattr(workers[i], method).remote(*args)
 
         results = _results([getattr(w, method).remote(*args) for w in workers], restart, self.retries,

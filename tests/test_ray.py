@@ -183,3 +183,18 @@ def test_a_compile_whose_worker_is_killed_writes_the_same_model(cluster, tmp_pat
                   CompileConfig(holdout_samples=0, ray_address=cluster, ray_workers=2), measure=False)
     assert pools and all(p.replacements == 1 for p in pools)  # one kill per candidate target's fit
     assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_read_its_data_fails_with_the_reason(cluster, tmp_path):
+    """A path the workers' node cannot read (not shared): the worker's own QwtError (exit 2), not a bug and
+    not a dead actor retried."""
+    from qwt2_onnx.cwac.fit import fit_compensations
+    from qwt2_onnx.ray_shards import RayShards
+
+    res, _, data = _tiny(tmp_path)
+    pool = RayShards(cluster, 2, tmp_path / "not_shared.npz", data.specs, data.length)
+    with pytest.raises(QwtError) as info:
+        fit_compensations(res.float_model, res.plain_model, res.plan, data, CwacConfig(target="global"), shards=pool)
+    assert "not_shared.npz" in str(info.value) and "died" not in str(info.value)
+    assert type(info.value) is QwtError and pool.replacements == 0

@@ -190,7 +190,7 @@ class _StagedFit:
         if own:
             workers = [StageWorker(self.graphs, self.cfg, self.heads, self.parts, 0, 2**62)]
         try:
-            return self._stages(workers, gather or _in_turn)
+            return self._stages(workers, gather or gather_in_turn)
         finally:
             if own:
                 workers[0].close()
@@ -245,7 +245,8 @@ class _StagedFit:
                         Compensation(name, g, beta, self.graphs.axes[name], self.target, stats) if kept else None)
 
 
-def _in_turn(workers: list, method: str, *args) -> list:
+def gather_in_turn(workers: list, method: str, *args) -> list:
+    """Every worker's result of ``method(*args)``, one worker after another (workers in this process)."""
     return [getattr(w, method)(*args) for w in workers]
 
 

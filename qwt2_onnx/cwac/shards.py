@@ -21,7 +21,7 @@ import onnx
 
 from ..config import CwacConfig
 from ..policy import QuantPlan
-from .fit import StageWorker
+from .fit import StageWorker, gather_in_turn
 from .graphs import FitGraphs
 from .gate import Parts
 
@@ -54,9 +54,7 @@ class LocalShards:
         return [StageWorker(FitGraphs(float_model, qmodel, plan, target), cfg, heads, parts, lo, hi)
                 for lo, hi in shard_bounds(positions(parts), self.workers)]
 
-    @staticmethod
-    def gather(workers: list[StageWorker], method: str, *args) -> list:
-        return [getattr(w, method)(*args) for w in workers]
+    gather = staticmethod(gather_in_turn)
 
     def stop(self, workers: list[StageWorker]) -> None:
         for w in workers:
