@@ -7,9 +7,11 @@ the rare activation that lies within rounding distance of a .5 tie; one
 flipped code (1 LSB) then propagates downstream.  The comparison therefore
 has two parts, both in float simulation (onnxruntime, optimizations off):
 
-* **forced**: every activation QuantizeLinear of both graphs is replaced by
-  the integer codes the *unfused* graph produced, so both graphs see
-  identical quantized activations.  What remains is the fold itself: an error
+* **forced**: every activation QuantizeLinear of the fused graph is replaced
+  by the integer codes the *unfused* graph produced, so both graphs see
+  identical quantized activations (the unfused graph fed its own codes would
+  compute what it computed running free, bit for bit, so its free-running run
+  is the reference and is not repeated).  What remains is the fold itself: an error
   in a folded scale, sign or bias shows at the layer that has it (each layer's
   compensated output is compared), while float rounding cannot accumulate::
 
@@ -121,6 +123,12 @@ def layer_outputs(model: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
+def code_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a − b| of two integer code tensors, flattened, in a type that holds it (int16 for 8-bit codes)."""
+    wide = np.int16 if a.dtype.itemsize == 1 and b.dtype.itemsize == 1 else np.int64
+    return np.abs(np.subtract(a.ravel(), b.ravel(), dtype=wide))
+
+
 def _forced(model: onnx.ModelProto, codes: dict[str, tuple[int, str]], extra: dict[str, int]) -> onnx.ModelProto:
     """``model`` with each activation quantizer removed and its output made a graph input."""
     m = onnx.ModelProto()
@@ -152,30 +160,33 @@ class FoldAccumulator:
         self.f_layers, self.u_layers = {k: f_layers[k] for k in layers}, {k: u_layers[k] for k in layers}
         self.fetch = {c: t for c, (t, _) in codes.items()}  # what each free-running graph must return
         self.free_names = self.outputs + [c for c in codes if c not in self.outputs]  # ... and update reads
+        # the unfused graph fed its own codes computes what it computed running free, bit for bit: its
+        # free-running run is the forced pair's reference, so it also returns its layers' outputs
         ul = {t: onnx.TensorProto.FLOAT for t in self.u_layers.values()}
+        self.u_fetch = {**self.fetch, **ul}
+        self.u_names = self.free_names + [t for t in ul if t not in self.free_names]
         fl = {t: onnx.TensorProto.FLOAT for t in self.f_layers.values()}
-        self.forced_u = make_session(_forced(unfused, codes, ul), optimized=False, arena=False)
         self.forced_f = make_session(_forced(fused, codes, fl), optimized=False, arena=False)
-        self.fu_names, self.ff_names = self.outputs + list(ul), self.outputs + list(fl)
+        self.ff_names = self.outputs + list(fl)
         self.acc = {kind: {o: DiffAccumulator(o) for o in self.outputs} for kind in ("forced", "free")}
         self.acc_layers = {k: DiffAccumulator(k) for k in layers}
         self.total = self.flipped = self.worst = 0
 
     def update(self, feed: dict[str, np.ndarray], u: dict[str, np.ndarray], f: dict[str, np.ndarray]) -> None:
-        """``u``, ``f``: the unfused and fused graphs' free-running outputs and codes on ``feed``."""
+        """``u``, ``f``: the unfused and fused graphs' free-running outputs and codes on ``feed`` (``u``: also
+        the unfused layers' outputs, ``u_names``)."""
         for c in self.codes:
-            d = np.abs(u[c].astype(np.int32) - f[c].astype(np.int32))
+            d = code_distance(u[c], f[c])
             self.total, self.flipped = self.total + d.size, self.flipped + int(np.count_nonzero(d))
             self.worst = max(self.worst, int(d.max()) if d.size else 0)
         for o in self.outputs:
             self.acc["free"][o].update(u[o], f[o])
         feed_codes = {**feed, **{c: u[c] for c in self.codes}}
-        fu = dict(zip(self.fu_names, self.forced_u.run(self.fu_names, feed_codes)))
         ff = dict(zip(self.ff_names, self.forced_f.run(self.ff_names, feed_codes)))
         for o in self.outputs:
-            self.acc["forced"][o].update(fu[o], ff[o])
+            self.acc["forced"][o].update(u[o], ff[o])
         for k, a in self.acc_layers.items():
-            a.update(fu[self.u_layers[k]], ff[self.f_layers[k]])
+            a.update(u[self.u_layers[k]], ff[self.f_layers[k]])
 
     def result(self) -> FoldCheck:
         return FoldCheck({o: a.result() for o, a in self.acc["forced"].items()},
@@ -186,10 +197,9 @@ class FoldAccumulator:
 def check_fold(fused: onnx.ModelProto, unfused: onnx.ModelProto, data: CalibrationSet, batch_size: int) -> FoldCheck:
     """The fold check alone (``qwt2-onnx check``; a compile runs it inside :mod:`verify`'s one pass)."""
     acc = FoldAccumulator(fused, unfused)
-    run_u = make_session(with_outputs(unfused, acc.fetch), optimized=False)
+    run_u = make_session(with_outputs(unfused, acc.u_fetch), optimized=False)
     run_f = make_session(with_outputs(fused, acc.fetch), optimized=False)
-    names = acc.free_names
     # sized by the free-running pair, whose fetches (every activation code) are the larger ones
-    for feed, (u, f) in paired_runs(data, batch_size, [(run_u, names), (run_f, names)]):
+    for feed, (u, f) in paired_runs(data, batch_size, [(run_u, acc.u_names), (run_f, acc.free_names)]):
         acc.update(feed, u, f)
     return acc.result()

@@ -88,7 +88,7 @@ class _Pass:
             if plain_cmp or not cwac or "baseline" in self.fid else None
         self.g_unfused = self.g_fused = self.g_deployed = None
         if cwac:
-            self.g_unfused = _Graph(unfused, False, {**self.fold.fetch, **(self.deployed.sim_fetch if self.deployed else {})})
+            self.g_unfused = _Graph(unfused, False, {**self.fold.u_fetch, **(self.deployed.sim_fetch if self.deployed else {})})
             self.g_fused = _Graph(qmodel, False, {**self.fold.fetch, **(cwac_cmp.cand_fetch if cwac_cmp else {})})
         if self.deployed or fidelity:
             self.g_deployed = _Graph(qmodel, True, self.deployed.dep_fetch if self.deployed else {})
@@ -124,7 +124,7 @@ class _Pass:
             self._fidelity("deployed", f, d)
             del d
         if cwac:  # last, with the least held: it runs the forced pair, whose fetches are the largest
-            fold.update(feed, {t: u[t] for t in fold.free_names}, c)
+            fold.update(feed, {t: u[t] for t in fold.u_names}, c)
         del c, f, u
 
     def result(self, samples: int, held_out: bool) -> Verification:

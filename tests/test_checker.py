@@ -152,6 +152,25 @@ def test_histogram_bins_equal_a_sorted_search_at_every_edge():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16])
+def test_code_distance_and_tie_fraction_equal_the_int32_and_mod_forms(dtype):
+    """The check's code comparisons take faster forms: |a − b| in int16 (8-bit codes) and y − floor(y) for
+    np.mod(y, 1.0).  Both must give what the plain forms give, bit for bit, at the type's extremes too."""
+    from qwt2_onnx.equivalence import code_distance
+
+    rng = np.random.default_rng(0)
+    info = np.iinfo(dtype)
+    a = rng.integers(info.min, info.max, 50_000, endpoint=True).astype(dtype)
+    b = np.where(rng.random(50_000) < 0.9, a, rng.integers(info.min, info.max, 50_000, endpoint=True)).astype(dtype)
+    a[:2], b[:2] = [info.max, info.min], [info.min, info.max]
+    ref = np.abs(a.astype(np.int64) - b.astype(np.int64))
+    got = code_distance(a, b)
+    assert np.array_equal(got, ref) and got.max() == int(info.max) - int(info.min)
+    y = np.concatenate([rng.standard_normal(100_000) * 300, [-0.0, 0.0, -1.0, 2.0, -1e-20, 1e-20, -3.5, 3.5],
+                        rng.integers(-1000, 1000, 1000) + 0.5])
+    assert np.array_equal(np.mod(y, 1.0).view(np.int64), (y - np.floor(y)).view(np.int64))
+
+
 def test_compile_report_is_deterministic_but_for_its_timestamp(compiled, tmp_path):
     d, _ = compiled
     cfg = CompileConfig(quant=QuantConfig(wbits=4), cwac=CwacConfig(target="global"), holdout_samples=8)
