@@ -42,7 +42,11 @@ def histogram_bins(e: np.ndarray) -> np.ndarray:
     ranges that straddle an edge lie in one bin, read from a table.  The rest (about 1 % of values) are
     searched."""
     e = np.ascontiguousarray(e, np.float64).reshape(-1)
-    bins = _key_table()[e.view(np.uint64) >> np.uint64(_KEY_SHIFT)]
+    # the top 20 bits as a signed index (masked: the same as the unsigned shift for every value): numpy
+    # gathers with intp indices directly, where uint64 ones are converted first (a third of the time)
+    key = e.view(np.int64) >> _KEY_SHIFT
+    np.bitwise_and(key, (1 << 20) - 1, out=key)
+    bins = _key_table()[key]
     counts = np.bincount(bins, minlength=256)[:len(HIST_EDGES) + 1].astype(np.int64)
     hard = e[bins == 255]
     if hard.size:
