@@ -1,9 +1,9 @@
 """Where a compile's time goes: per stage, and the hot calls, on corpus models (issue: compile speed).
 
-    python tools/profile_compile.py [--models ppocr_det,ppocr_rec,minilm_l6] [--out docs/PROFILE.md]
+    python tools/profile_compile.py [--models ppocr_det,ppocr_rec,minilm_l6,u2net_like] [--out docs/PROFILE.md]
 
 Each model is compiled with the default options (``--target ort``, CWAC auto, check and fidelity summary
-on) on its 16 corpus calibration samples, in its own process under cProfile.  The table gives the wall
+on) on its 16 calibration samples (corpus models, or ``tools/probe_models.py``'s), in its own process under cProfile.  The table gives the wall
 time of each pipeline stage (the compile's own ``time:`` line) and the functions with the most time spent
 in themselves (onnxruntime's ``run`` is one of them: model execution).  The machine, its load and the
 commit are written beside the numbers; they are one run each, so read the shares, not the seconds.
@@ -24,9 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import corpus_dir  # noqa: E402
+from probe_models import PROBES, probe_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("ppocr_det", "ppocr_rec", "minilm_l6")
+MODELS = ("ppocr_det", "ppocr_rec", "minilm_l6", "u2net_like")
 TOP = 12
 FLOAT_PASS = """
 import sys, time, numpy as np, onnxruntime as ort
@@ -50,7 +51,7 @@ def _cpu() -> str:
 
 
 def profile(model: str, work: Path) -> dict:
-    src = corpus_dir() / "models" / model
+    src = probe_dir(model) if model in PROBES else corpus_dir() / "models" / model
     prof = work / f"{model}.prof"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "qwt2_onnx", "compile",
