@@ -181,19 +181,25 @@ def embedding_cosine(path: Path, feed: dict, ref: np.ndarray, optimized: bool) -
     return (e * ref).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(ref, axis=1)
 
 
+def encoder_and_data(n_calib: int, n_eval: int) -> tuple[Path, list[str], tuple[np.ndarray, np.ndarray], dict]:
+    """The exported encoder, every sentence, the first ``n_calib`` tokenized (ids, mask) and the next ``n_eval``
+    as a feed (``input_ids``, ``attention_mask``), padded to ``SEQ`` tokens."""
+    files = fetch()
+    model = files / "minilm.onnx"
+    if not model.exists():
+        export_onnx(read_safetensors(files / "model.safetensors"), model)
+    tok, text = WordPiece(files / "tokenizer.json"), sentences()
+    ev = dict(zip(("input_ids", "attention_mask"), tok.encode(text[n_calib:n_calib + n_eval], SEQ)))
+    return model, text, tok.encode(text[:n_calib], SEQ), ev
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path("docs/encoder_check.json"))
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--n-eval", type=int, default=500)
     args = ap.parse_args(argv)
-    files = fetch()
-    model = files / "minilm.onnx"
-    if not model.exists():
-        export_onnx(read_safetensors(files / "model.safetensors"), model)
-    tok, text = WordPiece(files / "tokenizer.json"), sentences()
-    cal_ids, cal_mask = tok.encode(text[:args.n_calib], SEQ)
-    ev = dict(zip(("input_ids", "attention_mask"), tok.encode(text[args.n_calib:args.n_calib + args.n_eval], SEQ)))
+    model, text, (cal_ids, cal_mask), ev = encoder_and_data(args.n_calib, args.n_eval)
     ref = make_session(str(model)).run(["sentence_embedding"], ev)[0]
     samples = [{"input_ids": cal_ids[i:i + 1], "attention_mask": cal_mask[i:i + 1]} for i in range(args.n_calib)]
     result = {"sentences": len(text), "seq": SEQ, "n_calib": args.n_calib, "n_eval": args.n_eval,
