@@ -106,9 +106,7 @@ def main(verbose: int) -> None:
               help="Activation bits (6: simulated in an 8-bit container).")
 @click.option("--full-range-weights", is_flag=True,
               help="ort: use the full [-127,127] weight range (only safe on CPUs with VNNI/AVX512-VNNI).")
-@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "auto"]), default="percentile",
-              show_default=True, help="auto: percentile, but keep the full range of a per-token tensor whose clipped "
-              "values sit in a few channels (a transformer's LayerNorm outputs; docs/TRANSFORMERS.md).")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="percentile", show_default=True)
 @click.option("--percentile", type=float, default=99.99, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Samples per onnxruntime run, at most: fewer where one batch's fetched tensors would exceed "
@@ -231,8 +229,8 @@ def _warn_no_effect(no_cwac: bool, calib_method: str, calib, image_size) -> None
     if no_cwac:
         no_effect(["cwac_target", "cwac_head_fit", "cwac_position_mask", "cwac_lambda", "cwac_cache_mib",
                    "emit_unfused", "cwac_params"], "with --no-cwac")
-    if calib_method not in ("percentile", "auto"):
-        no_effect(["percentile"], "unless --calib-method percentile or auto")
+    if calib_method != "percentile":
+        no_effect(["percentile"], "unless --calib-method percentile")
     image_options = ["layout", "mean", "std", "scale", "channel_order"]
     if calib is None or not Path(calib).is_dir():
         no_effect(["image_size", *image_options], "unless --calib is a folder of images")

@@ -13,7 +13,7 @@ MAX_SAMPLE_BYTES = 2**30  # what one calibration sample may allocate, all inputs
 
 Target = Literal["ort", "trt"]
 ActType = Literal["u8", "s8"]
-Method = Literal["minmax", "percentile", "entropy", "auto"]
+Method = Literal["minmax", "percentile", "entropy"]
 CwacTarget = Literal["auto", "global", "local"]
 HeadFit = Literal["spread", "lsq"]
 
@@ -107,8 +107,8 @@ class CalibConfig:
     range_overrides: str | None = None
 
     def __post_init__(self) -> None:
-        _require(self.method in ("minmax", "percentile", "entropy", "auto"), "--calib-method", self.method,
-                 "use minmax, percentile, entropy or auto")
+        _require(self.method in ("minmax", "percentile", "entropy"), "--calib-method", self.method,
+                 "use minmax, percentile or entropy")
         _require(_finite(self.percentile) and 50 < self.percentile <= 100, "--percentile", self.percentile,
                  "pass a percentile in (50, 100], e.g. 99.99: the range keeps that share of each tensor's values")
         _require(_count(self.batch_size), "--batch-size", self.batch_size, "pass a whole number of samples >= 1")

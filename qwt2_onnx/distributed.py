@@ -37,7 +37,7 @@ class ShardProgress:
     stage of each candidate target), reported to the caller's ``progress(n, total)``."""
 
     def __init__(self, progress, config: CompileConfig, stages: int):
-        passes = {"minmax": 1, "auto": 0}.get(config.calib.method, 2)  # auto calibrates in this process
+        passes = 1 if config.calib.method == "minmax" else 2
         candidates = 2 if config.cwac.enabled and config.cwac.target == "auto" else int(config.cwac.enabled)
         self.progress, self.total = progress, config.ray_workers * (passes + stages * candidates)
 
@@ -50,8 +50,7 @@ def sharded_ranges(float_model, tensors: list[str], calib_part: CalibrationSet, 
                    source: str | None, shard_progress: ShardProgress | None = None, pre=None) -> dict:
     """The calibrate stage: in this process, or (``--ray``) over shards with the same result
     (``calib_shards``); a model that cannot run a batch is calibrated here."""
-    # ray is imported only here and in fit_shards; ``auto``'s per-channel maxima are not sharded (yet)
-    if config.ray_address is not None and tensors and config.calib.method != "auto":
+    if config.ray_address is not None and tensors:  # ray is imported only here and in fit_shards
         from .calib_shards import collect_ranges_sharded
         from .ray_shards import RayCalibration
 

@@ -8,16 +8,6 @@ the calibration set.
 * ``entropy``    -- the clipping threshold that minimises the KL divergence
                     between the |x| histogram and its 8-bit quantized version
                     (the TensorRT calibration recipe).
-* ``auto``       -- ``percentile``, except on a per-token tensor (2-D or 3-D,
-                    channels on the last axis, at least ``MIN_POSITIONS``
-                    positions per channel) where every value the percentile range would clip
-                    lies in a few channels (at most ``max(2, channels/100)``):
-                    there the full range is kept (``minmax``).  A transformer's
-                    LayerNorm outputs carry a systematic outlier channel that
-                    the network reads; clipping it cost MiniLM-L6 its fidelity
-                    (embedding cosine 0.909 percentile vs 0.991 minmax,
-                    docs/TRANSFORMERS.md), while a tail spread over many
-                    channels (GELU, attention outputs) is clipped as before.
 
 The histogram is symmetric, ``[-A, A)`` in ``BINS`` bins.  When a batch
 exceeds A, A doubles and adjacent bins merge pairwise, which is exact: no
@@ -30,7 +20,6 @@ import dataclasses
 import numpy as np
 
 BINS = 4096  # signed bins; 2048 per side
-MIN_POSITIONS = 256  # ``auto``: positions per channel for a tensor to count as per-token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +63,11 @@ class HistogramObserver(MinMaxObserver):
         self.levels = levels
         self.amax = 0.0
         self.hist = np.zeros(BINS, np.int64)
-        self.channel_max: np.ndarray | None = None  # ``auto``: max |x| per channel (last axis)
-        self.positions = 0  # ``auto``: positions seen per channel; -1 once the channel count changed
 
     def update(self, x: np.ndarray) -> None:
         if not x.size:
             return
         super().update(x)
-        if self.method == "auto":
-            self._channels(x)
         need = max(abs(self.lo), abs(self.hi))
         if self.amax == 0.0:
             self.amax = need if need > 0 else 1e-12
@@ -90,26 +75,6 @@ class HistogramObserver(MinMaxObserver):
             self._double()
         h, _ = np.histogram(x, bins=BINS, range=(-self.amax, self.amax))
         self.hist += h
-
-    def _channels(self, x: np.ndarray) -> None:
-        # per-token layouts only: [positions, channels] or [batch, tokens, channels]; a 4-D map (NCHW) is not
-        # (a channels-first 3-D tensor, Conv1d's, reads as per-token here: the rule was not measured there)
-        if x.ndim not in (2, 3) or self.positions < 0:
-            self.positions = -1
-            return
-        m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
-        if self.channel_max is not None and self.channel_max.shape != m.shape:
-            self.positions = -1
-            return
-        self.channel_max = m if self.channel_max is None else np.maximum(self.channel_max, m)
-        self.positions += x.size // x.shape[-1]
-
-    def outlier_channels(self, lo: float, hi: float) -> bool:
-        """``auto``: does everything the range [lo, hi] clips lie in a few channels of a per-token tensor?"""
-        if self.channel_max is None or self.positions < MIN_POSITIONS:
-            return False
-        past = int(np.count_nonzero(self.channel_max > max(-lo, hi)))
-        return 0 < past <= max(2, self.channel_max.size // 100)
 
     def _double(self) -> None:
         self.hist = double_histogram(self.hist)
@@ -122,13 +87,12 @@ class HistogramObserver(MinMaxObserver):
         lo, hi = super().range()
         if self.hist.sum() == 0 or lo == hi:
             return lo, hi
-        if self.method in ("percentile", "auto"):
+        if self.method == "percentile":
             cdf = np.cumsum(self.hist) / self.hist.sum()
             edges = self._edges()
             q_lo = edges[int(np.searchsorted(cdf, 1 - self.percentile / 100))]
             q_hi = edges[int(np.searchsorted(cdf, self.percentile / 100)) + 1]
-            clipped = max(lo, float(q_lo)), min(hi, float(q_hi))
-            return (lo, hi) if self.method == "auto" and self.outlier_channels(*clipped) else clipped
+            return max(lo, float(q_lo)), min(hi, float(q_hi))
         t = self._kl_threshold()
         return max(lo, -t), min(hi, t)
 

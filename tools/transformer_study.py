@@ -16,7 +16,7 @@ optimizations) on the 500 others:
 * ``compile``: wall seconds of the compile call in this process.
 
 Ours (``compile_model``, ``--target ort``): the defaults (percentile 99.99 ranges, weights in [-63, 63] for
-AVX2 CPUs, CWAC auto), then one default changed at a time — no CWAC, minmax, entropy or auto ranges,
+AVX2 CPUs, CWAC auto), then one default changed at a time — no CWAC, minmax or entropy ranges,
 full-range weights, CWAC statistics on real positions only (``--cwac-position-mask``) — and combinations;
 W4A8 with and without CWAC.  Baselines: onnxruntime ``quantize_static`` (its recipe: ``quant_pre_process``, QDQ, per-channel
 MinMax), onnxruntime ``quantize_dynamic`` (int8 weights, activations quantized at run time, no calibration) and
@@ -62,10 +62,6 @@ def ours() -> dict[str, CompileConfig]:
         "ours: --cwac-position-mask": cfg(masked=True),
         "ours: minmax full-range": cfg(method="minmax", full=True),
         "ours: minmax full-range --cwac-position-mask": cfg(method="minmax", full=True, masked=True),
-        "ours: --no-cwac --calib-method auto": cfg(cwac=False, method="auto"),
-        "ours: --calib-method auto": cfg(method="auto"),
-        "ours: --calib-method auto --cwac-position-mask": cfg(method="auto", masked=True),
-        "ours: auto full-range --cwac-position-mask": cfg(method="auto", full=True, masked=True),
         "ours W4A8: --no-cwac": cfg(wbits=4, cwac=False),
         "ours W4A8: defaults": cfg(wbits=4),
         "ours W4A8: --cwac-position-mask": cfg(wbits=4, masked=True),
