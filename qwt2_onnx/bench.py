@@ -190,7 +190,8 @@ def _measure(model: Path, paths: dict[str, Path], rows: list[Row], data: Calibra
         fid = {n: {"sqnr_db": round(s.sqnr_db, 3), "cosine": round(s.cosine, 6)}
                for n, s in ((n, a.result()) for n, a in accs[r.variant].items())}
         metrics = dict(task.evaluate(sessions[r.variant], float_sess)) if task is not None else {}
-        out.append(dataclasses.replace(r, fidelity=fid, task=metrics, latency_ratio=round(latency[r.variant] / latency["float"], 3) if latency else None))
+        ratio = round(latency[r.variant] / latency["float"], 3) if latency else None
+        out.append(dataclasses.replace(r, fidelity=fid, task=metrics, latency_ratio=ratio))
     return float_task, round(latency["float"] * 1e3, 3) if latency else None, out
 
 

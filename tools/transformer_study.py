@@ -25,6 +25,7 @@ onnxsim 0.8.1's ``quantize_static`` (per channel, minmax, Q/DQ on MatMul/Gemm/Co
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -68,8 +69,12 @@ def ours() -> dict[str, CompileConfig]:
     }
 
 
-def baselines(model: Path, samples: list[dict], out_dir: Path) -> dict[str, tuple[Path, float]]:
-    """onnxruntime static and dynamic, onnxsim static: (written model, compile seconds)."""
+BASELINES = ("onnxruntime quantize_static", "onnxruntime quantize_dynamic", "onnxsim quantize_static")
+
+
+def baselines(model: Path, samples: list[dict], out_dir: Path, wanted) -> dict[str, tuple[Path, float]]:
+    """onnxruntime static and dynamic, onnxsim static, those ``wanted`` (a name -> bool): (written model,
+    compile seconds)."""
     import onnx
     import onnxsim
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -83,32 +88,35 @@ def baselines(model: Path, samples: list[dict], out_dir: Path) -> dict[str, tupl
         def get_next(self):
             return next(self.it, None)
 
+    # the exported weights are Constant nodes, which neither dynamic quantization nor onnxsim take for
+    # weights (the model came out unchanged): each gets the model with constants as initializers
+    # (onnxruntime's pre-processed one, onnxsim's simplified one)
     out = {}
-    t0 = time.perf_counter()
-    pre, path = out_dir / "ort_pre.onnx", out_dir / "ort_static.onnx"
-    quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
-    out["onnxruntime quantize_static"] = (path, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    # the exported weights are Constant nodes, which neither quantizer below takes for weights (the model
-    # came out unchanged): each gets the model with constants as initializers (onnxruntime's pre-processed
-    # one, onnxsim's simplified one)
-    path = out_dir / "ort_dynamic.onnx"
-    quantize_dynamic(str(pre), str(path), weight_type=QuantType.QInt8)
-    out["onnxruntime quantize_dynamic"] = (path, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    path = out_dir / "onnxsim_static.onnx"
-    simplified, _ = onnxsim.simplify(onnx.load(str(model)))
-    onnx.save(onnxsim.quantize_static(simplified, calibration_data=samples, per_channel=True), str(path))
-    out["onnxsim quantize_static"] = (path, time.perf_counter() - t0)
+    pre = out_dir / "ort_pre.onnx"
+    if wanted(BASELINES[0]) or wanted(BASELINES[1]):
+        t0 = time.perf_counter()
+        quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
+        prep = time.perf_counter() - t0
+    if wanted(BASELINES[0]):
+        t0, path = time.perf_counter(), out_dir / "ort_static.onnx"
+        quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        out[BASELINES[0]] = (path, prep + time.perf_counter() - t0)
+    if wanted(BASELINES[1]):
+        t0, path = time.perf_counter(), out_dir / "ort_dynamic.onnx"
+        quantize_dynamic(str(pre), str(path), weight_type=QuantType.QInt8)
+        out[BASELINES[1]] = (path, time.perf_counter() - t0)
+    if wanted(BASELINES[2]):
+        t0, path = time.perf_counter(), out_dir / "onnxsim_static.onnx"
+        simplified, _ = onnxsim.simplify(onnx.load(str(model)))
+        onnx.save(onnxsim.quantize_static(simplified, calibration_data=samples, per_channel=True), str(path))
+        out[BASELINES[2]] = (path, time.perf_counter() - t0)
     return out
 
 
 def integer_ops(path: Path) -> str:
     """What the saved graph quantizes: its count of each quantization op."""
-    import collections
-
     import onnx
 
     kinds = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul")
@@ -276,9 +284,8 @@ def main(argv=None) -> int:
         result["variants"] = json.loads(args.json.read_text())["variants"]
     with tempfile.TemporaryDirectory() as d:
         paths, seconds, notes = {"float": model}, {}, {}
-        for name, (path, s) in baselines(model, samples, Path(d)).items():
-            if only is None or name in only:
-                paths[name], seconds[name], notes[name] = path, round(s, 1), integer_ops(path)
+        for name, (path, s) in baselines(model, samples, Path(d), lambda n: only is None or n in only).items():
+            paths[name], seconds[name], notes[name] = path, round(s, 1), integer_ops(path)
         for i, (name, cfg) in enumerate(ours().items()):
             if only is not None and name not in only:
                 continue
